@@ -1,0 +1,846 @@
+# Hierarchical PPO over a frozen low-level controller (LLC), CleanRL style.
+#
+# A high-level policy, trained with PPO, picks a latent z every k simulator (control) steps; a
+# pre-trained, frozen LLC maps (proprioceptive observation, z) to joint actions at every step.
+# The semantics follow NVIDIA's ASE (ase/learning/hrl_agent.py); see README.md.
+#
+# Reading order: Args -> environment construction -> THE HIERARCHICAL STEP (k inner steps and
+# reward aggregation) -> networks -> PPO (GAE, loss) -> logging/checkpoints/evaluation -> main.
+import os
+import sys
+
+
+def requested_backend(argv: list) -> str:
+    """The --env-backend value on the command line (before tyro runs: Isaac Gym must be
+    imported before torch)."""
+    for i, arg in enumerate(argv):
+        if arg == "--env-backend" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--env-backend="):
+            return arg.split("=", 1)[1]
+    return "mjwarp"
+
+
+ISAACGYM_MISSING = (
+    "--env-backend isaacgym needs Isaac Gym Preview 4 (from NVIDIA, Python 3.8): download it from "
+    "https://developer.nvidia.com/isaac-gym, then `pip install -e isaacgym/python` and "
+    "`pip install -e IsaacGymEnvs` (https://github.com/isaac-sim/IsaacGymEnvs). "
+    "Without Isaac Gym, use the default --env-backend mjwarp."
+)
+
+if __name__ == "__main__" and requested_backend(sys.argv[1:]) == "isaacgym":
+    try:
+        import isaacgym  # noqa: F401  (must be imported before torch)
+    except ImportError as err:
+        sys.exit(f"error: {ISAACGYM_MISSING} ({err})")
+
+import importlib
+import random
+import signal
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Literal, NamedTuple, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.distributions.normal import Normal
+from torch.utils.tensorboard import SummaryWriter
+
+REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, CUDA is used when available (else the CPU)"""
+    track: bool = False
+    """if toggled, this experiment is tracked with Weights and Biases (WANDB_MODE=offline works)"""
+    wandb_project_name: str = "hrl-ppo"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    capture_video: bool = False
+    """record a video of one deterministic episode (end of training, or with --eval-checkpoint) to videos/{run_name}"""
+    save_model: bool = False
+    """also save the final policy weights as runs/{run_name}/{exp_name}.cleanrl_model (checkpoints are always written)"""
+
+    # Environment and low-level controller
+    env_backend: Literal["mjwarp", "isaacgym"] = "mjwarp"
+    """simulator: `mjwarp` (tasks/, MuJoCo Warp) or `isaacgym` (Isaac Gym Preview 4 + IsaacGymEnvs)"""
+    robot: str = "ant"
+    """robot (mjwarp: one of tasks.ROBOTS); names the default LLC checkpoint checkpoints/llc_{robot}.pt"""
+    task: str = "heading"
+    """task (mjwarp: one of tasks.TASKS; isaacgym: the task name given to isaacgymenvs.make)"""
+    env_factory: Optional[str] = None
+    """`module:function` building the env instead (called with task, num_envs, seed, sim_device, rl_device, graphics_device_id, headless); isaacgym backend only"""
+    num_envs: Optional[int] = None
+    """number of parallel environments (default: 4096 on CUDA, 64 on the CPU)"""
+    llc_checkpoint: Optional[str] = None
+    """frozen LLC checkpoint (native or ASE/rl_games); default checkpoints/llc_{robot}.pt; `none` = flat PPO on joint actions (k = 1)"""
+    llc_config: Optional[str] = None
+    """ASE training yaml of an rl_games LLC checkpoint, to cross-check its network sizes"""
+    llc_steps: Optional[int] = None
+    """k: simulator (control) steps per high-level action (default 5 as in ASE; 1 for the flat baseline)"""
+    style_reward_weight: Optional[float] = None
+    """w in r = (1 - w) * task + w * style (default 0.1 when the LLC has a discriminator and the env gives AMP observations, else 0)"""
+
+    # PPO (ASE's high-level values where they fit; see README for the ones that differ)
+    total_timesteps: Optional[int] = None
+    """total SIMULATOR (control) steps over all envs, i.e. high-level steps * k (default: 50M on CUDA, 300k on the CPU)"""
+    learning_rate: float = 1e-4
+    """Adam learning rate (ASE: 2e-5 on 4096 envs; larger here so small CPU runs learn within minutes)"""
+    anneal_lr: bool = False
+    """toggle learning rate annealing (ASE: constant)"""
+    num_steps: int = 32
+    """high-level steps per env per rollout (ASE horizon 32 = 160 simulator steps at k = 5)"""
+    gamma: float = 0.99
+    """discount factor per high-level step"""
+    gae_lambda: float = 0.95
+    """lambda for the general advantage estimation"""
+    num_minibatches: int = 8
+    """number of mini-batches per epoch (ASE: 131072 / 16384 = 8)"""
+    update_epochs: int = 6
+    """the K epochs to update the policy"""
+    norm_adv: bool = True
+    """toggles advantages normalization"""
+    clip_coef: float = 0.2
+    """the surrogate clipping coefficient"""
+    clip_vloss: bool = False
+    """toggles clipped value loss (ASE: off)"""
+    ent_coef: float = 0.0
+    """coefficient of the entropy (ASE: 0; constant with a fixed log-std)"""
+    vf_coef: float = 5.0
+    """coefficient of the value function loss (ASE critic_coef 5; the loss is 0.5 * MSE in normalised value units)"""
+    bounds_loss_coef: float = 10.0
+    """coefficient of the penalty relu(|mu| - 1)^2 on the action mean (ASE: 10; zero while the mean is tanh-squashed)"""
+    max_grad_norm: Optional[float] = None
+    """maximum norm for gradient clipping (ASE: off)"""
+    target_kl: Optional[float] = None
+    """stop the update epochs early when the approximate KL exceeds this"""
+    learned_log_std: bool = False
+    """learn the policy log-std (ASE: fixed)"""
+    init_log_std: float = -2.3
+    """initial (or fixed) log-std of the Gaussian policy (ASE: -2.3, std ~0.1)"""
+    hidden_sizes: Tuple[int, ...] = (1024, 512)
+    """hidden layers of the actor and of the critic MLPs (ReLU)"""
+    normalize_obs: bool = True
+    """running mean/std normalisation of the high-level observation"""
+    normalize_value: bool = True
+    """running mean/std normalisation of the value targets"""
+
+    # Checkpoints and evaluation
+    checkpoint_interval: int = 50
+    """write runs/{run_name}/checkpoint.pt every this many iterations (and at the end)"""
+    resume: Optional[str] = None
+    """checkpoint to continue: same run directory, global step and schedule"""
+    eval_checkpoint: Optional[str] = None
+    """evaluate this checkpoint with the deterministic policy instead of training"""
+    eval_episodes: int = 10
+    """number of episodes for --eval-checkpoint"""
+
+
+class Derived(NamedTuple):
+    """Values computed once from the flags (see `derive`)."""
+
+    device: torch.device
+    flat: bool  # --llc-checkpoint none: PPO acts on joint actions directly
+    llc_path: Optional[str]
+    llc_steps: int  # k
+    num_envs: int
+    total_timesteps: int  # simulator steps
+    batch_size: int  # high-level transitions per iteration
+    minibatch_size: int
+    sim_steps_per_iteration: int
+    num_iterations: int
+
+
+def check_flags(args: Args):
+    """Reject conflicting flags before anything is built."""
+    if args.resume and args.eval_checkpoint:
+        raise SystemExit("error: --resume and --eval-checkpoint exclude each other (train on, or evaluate)")
+    flat = (args.llc_checkpoint or "").lower() == "none"
+    if flat and args.llc_steps not in (None, 1):
+        raise SystemExit(f"error: --llc-checkpoint none (flat PPO) acts every simulator step: --llc-steps must be 1, got {args.llc_steps}")
+    if flat and args.style_reward_weight:
+        raise SystemExit(f"error: --style-reward-weight {args.style_reward_weight} needs an LLC with a discriminator, but --llc-checkpoint is none")
+    if args.llc_steps is not None and args.llc_steps < 1:
+        raise SystemExit(f"error: --llc-steps must be >= 1, got {args.llc_steps}")
+    if args.style_reward_weight is not None and not 0.0 <= args.style_reward_weight <= 1.0:
+        raise SystemExit(f"error: --style-reward-weight must lie in [0, 1], got {args.style_reward_weight}")
+    if args.env_backend == "isaacgym" and args.capture_video:
+        raise SystemExit("error: --capture-video is supported with --env-backend mjwarp only (render Isaac Gym runs with its viewer)")
+    if args.env_factory and args.env_backend != "isaacgym":
+        raise SystemExit(f"error: --env-factory {args.env_factory} is for --env-backend isaacgym; with mjwarp use --robot/--task")
+    if args.env_backend == "isaacgym" and "isaacgym" not in sys.modules:
+        raise SystemExit("error: --env-backend isaacgym must be given on the command line (Isaac Gym is imported before torch)")
+    for name in ("num_envs", "total_timesteps", "num_steps", "num_minibatches", "update_epochs", "checkpoint_interval", "eval_episodes"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def derive(args: Args) -> Derived:
+    """Every value derived from the flags, computed in one place."""
+    use_cuda = args.cuda and torch.cuda.is_available()
+    device = torch.device("cuda" if use_cuda else "cpu")
+    flat = (args.llc_checkpoint or "").lower() == "none"
+    llc_path = None if flat else (args.llc_checkpoint or os.path.join(REPO_DIR, "checkpoints", f"llc_{args.robot}.pt"))
+    llc_steps = 1 if flat else (args.llc_steps or 5)
+    num_envs = args.num_envs or (4096 if use_cuda else 64)
+    total_timesteps = args.total_timesteps or (50_000_000 if use_cuda else 300_000)
+    batch_size = num_envs * args.num_steps
+    if batch_size % args.num_minibatches:
+        raise SystemExit(f"error: num_envs * num_steps = {batch_size} is not divisible by --num-minibatches {args.num_minibatches}")
+    sim_steps_per_iteration = batch_size * llc_steps
+    num_iterations = max(1, total_timesteps // sim_steps_per_iteration)
+    return Derived(device, flat, llc_path, llc_steps, num_envs, total_timesteps, batch_size,
+                   batch_size // args.num_minibatches, sim_steps_per_iteration, num_iterations)
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment construction (the trainer does not know which simulator it drives)
+# ---------------------------------------------------------------------------------------------
+class IsaacGymEnv:
+    """Adapts an IsaacGymEnvs VecTask to this project's env contract.
+
+    A VecTask returns (obs_dict, reward, reset_buf, extras) with extras["time_outs"] and resets
+    finished envs itself inside a later step(). Here: done = reset_buf, time_outs from extras,
+    terminate = done and not a time-out; the flags are made sticky until reset_done() like the
+    mjwarp envs. reset_done() only clears them: the VecTask has already reset or will reset the
+    env at its next step, so the first high-level decision after an episode may see the terminal
+    observation (as in rl_games and CleanRL)."""
+
+    def __init__(self, vec_task):
+        self.vec_task = vec_task
+        self.num_envs = vec_task.num_envs
+        self.num_obs = getattr(vec_task, "num_obs", None) or vec_task.observation_space.shape[0]
+        self.num_actions = getattr(vec_task, "num_actions", None) or vec_task.action_space.shape[0]
+        self.device = torch.device(getattr(vec_task, "rl_device", getattr(vec_task, "device", "cpu")))
+        self.control_dt = float(getattr(vec_task, "dt", 0.0))
+        self.max_episode_length = int(getattr(vec_task, "max_episode_length", 0))
+        self.robot_name, self.task_name = "isaacgym", type(vec_task).__name__
+        self._done = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
+        self._terminate = torch.zeros_like(self._done)
+        self._time_outs = torch.zeros_like(self._done)
+        self._obs_dict = None
+
+    def get_task_obs_size(self) -> int:
+        get_size = getattr(self.vec_task, "get_task_obs_size", None)  # ASE tasks have it
+        return int(get_size()) if get_size else 0
+
+    def reset(self):
+        self._obs_dict = self.vec_task.reset()
+        self._clear_flags()
+        return self._obs_dict
+
+    def _clear_flags(self):
+        self._done.zero_()
+        self._terminate.zero_()
+        self._time_outs.zero_()
+
+    def step(self, actions):
+        obs_dict, reward, reset_buf, extras = self.vec_task.step(actions)
+        finished = reset_buf.to(torch.bool)
+        time_outs = extras.get("time_outs", torch.zeros_like(finished)).to(torch.bool)
+        newly_finished = finished & ~self._done
+        self._time_outs |= newly_finished & time_outs
+        self._terminate |= newly_finished & ~time_outs
+        self._done |= finished
+        self._obs_dict = obs_dict
+        extras = dict(extras, terminate=self._terminate.clone(), time_outs=self._time_outs.clone())
+        return obs_dict, reward, self._done.clone(), extras
+
+    def reset_done(self):
+        self._clear_flags()
+        return self._obs_dict
+
+
+def make_env(args: Args, derived: Derived, num_envs: int, seed: int):
+    if args.env_backend == "mjwarp":
+        from tasks import ROBOTS, TASKS
+        from tasks import make_env as make_mjwarp_env
+
+        if args.robot not in ROBOTS or args.task not in TASKS:
+            raise SystemExit(f"error: --robot {args.robot} --task {args.task}: expected a robot in {ROBOTS} and a task in {TASKS}")
+        return make_mjwarp_env(robot=args.robot, task=args.task, num_envs=num_envs, device=str(derived.device), seed=seed)
+    if args.env_factory:
+        module_name, _, function_name = args.env_factory.partition(":")
+        factory = getattr(importlib.import_module(module_name), function_name or "make")
+    else:
+        import isaacgymenvs
+
+        factory = isaacgymenvs.make
+    vec_task = factory(seed=seed, task=args.task, num_envs=num_envs, sim_device=str(derived.device),
+                       rl_device=str(derived.device), graphics_device_id=-1, headless=True)
+    return IsaacGymEnv(vec_task)
+
+
+def load_frozen_llc(args: Args, derived: Derived, env):
+    """The frozen LLC, checked against the env; None for the flat baseline."""
+    if derived.flat:
+        return None
+    from llc import load_llc
+
+    llc = load_llc(derived.llc_path, device=str(derived.device), ase_config=args.llc_config)
+    llc.check_env(env.num_obs, env.get_task_obs_size(), path=derived.llc_path)
+    if llc.action_dim != env.num_actions:
+        raise SystemExit(f"error: LLC {derived.llc_path} outputs {llc.action_dim} actions, env {args.robot}/{args.task} expects {env.num_actions}")
+    return llc
+
+
+def resolve_style_reward_weight(args: Args, llc, env) -> float:
+    """ASE mixes 0.9 task + 0.1 style; that needs a discriminator and AMP observations."""
+    has_disc = llc is not None and llc.has_discriminator
+    has_amp_obs = hasattr(env, "get_num_amp_obs") and env.get_num_amp_obs() > 0
+    if args.style_reward_weight is None:
+        return 0.1 if (has_disc and has_amp_obs) else 0.0
+    if args.style_reward_weight > 0 and not has_disc:
+        raise SystemExit(f"error: --style-reward-weight {args.style_reward_weight} needs an LLC with a discriminator; {args.llc_checkpoint or 'the default LLC'} has none")
+    if args.style_reward_weight > 0 and not has_amp_obs:
+        raise SystemExit(f"error: --style-reward-weight {args.style_reward_weight} needs AMP observations (extras['amp_obs']); this env provides none")
+    return args.style_reward_weight
+
+
+# ---------------------------------------------------------------------------------------------
+# THE HIERARCHICAL STEP: one high-level action = k simulator steps of the frozen LLC
+# ---------------------------------------------------------------------------------------------
+class HighLevelStep(NamedTuple):
+    obs: torch.Tensor  # [N, num_obs] after the k-th inner step (finished envs: not reset yet)
+    bootstrap_obs: torch.Tensor  # [N, num_obs] obs at the step an env finished (else == obs)
+    reward: torch.Tensor  # [N] high-level reward: (1 - w) * mean task + w * mean style
+    task_reward_sum: torch.Tensor  # [N] task reward summed over the counted inner steps
+    control_steps: torch.Tensor  # [N] inner steps counted (up to and including the finish)
+    done: torch.Tensor  # [N] bool: the episode ended in this window (any inner step)
+    terminate: torch.Tensor  # [N] bool: it ended by failure (any inner step); timeouts are not failures
+
+
+def hierarchical_step(env, llc, high_action, obs, llc_steps: int, task_obs_size: int, style_weight: float = 0.0) -> HighLevelStep:
+    """Apply one high-level action for k = llc_steps simulator steps (ASE hrl_agent semantics).
+
+    z = normalise(clamp(a, -1, 1)) stays fixed over the window; the LLC sees a fresh observation
+    without its task tail at each inner step. Reward aggregation uses MASKING: an env that
+    finishes at inner step j averages its reward over steps 1..j only, because the steps after
+    it (the env keeps simulating until reset_done()) belong to no episode. ASE averages over all
+    k steps instead. All tensors stay on the device; no host synchronisation.
+    With llc=None (flat baseline, k = 1) the action is the joint action itself.
+    """
+    if llc is not None:
+        z = F.normalize(high_action.clamp(-1.0, 1.0), dim=-1)  # unit sphere, as the LLC was trained
+    num_envs = obs.shape[0]
+    zeros = torch.zeros(num_envs, device=obs.device)
+    task_reward_sum, style_reward_sum, control_steps = zeros.clone(), zeros.clone(), zeros.clone()
+    done = torch.zeros(num_envs, dtype=torch.bool, device=obs.device)
+    terminate = torch.zeros_like(done)
+    finish_obs = torch.zeros_like(obs)  # observation at the step each env finished
+    llc_obs_size = obs.shape[1] - task_obs_size
+    for _ in range(llc_steps):
+        if llc is None:
+            joint_actions = high_action.clamp(-1.0, 1.0)
+        else:
+            with torch.no_grad():
+                joint_actions = llc.act(obs[:, :llc_obs_size], z)
+        obs_dict, task_reward, step_done, extras = env.step(joint_actions)
+        obs = obs_dict["obs"]
+        counted = ~done  # this inner step still belongs to the episode
+        task_reward_sum += task_reward * counted
+        control_steps += counted
+        if style_weight > 0.0:
+            with torch.no_grad():
+                style_reward_sum += llc.style_reward(extras["amp_obs"]) * counted
+        finish_obs = torch.where((step_done & counted).unsqueeze(-1), obs, finish_obs)
+        terminate |= extras["terminate"] & counted
+        done |= step_done
+    bootstrap_obs = torch.where(done.unsqueeze(-1), finish_obs, obs)
+    # control_steps >= 1: every env starts the window unfinished (reset_done() before it).
+    reward = (1.0 - style_weight) * task_reward_sum / control_steps
+    if style_weight > 0.0:
+        reward += style_weight * style_reward_sum / control_steps
+    return HighLevelStep(obs, bootstrap_obs, reward, task_reward_sum, control_steps, done, terminate)
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks: ASE's high-level actor-critic
+# ---------------------------------------------------------------------------------------------
+class RunningMeanStd(nn.Module):
+    """Running mean/variance (rl_games style: float64 buffers, normalise in float32, clip +-5).
+    Buffers travel in the state dict, hence in the checkpoint."""
+
+    def __init__(self, shape, epsilon: float = 1e-5, clip: float = 5.0):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(shape, dtype=torch.float64))
+        self.register_buffer("var", torch.ones(shape, dtype=torch.float64))
+        self.register_buffer("count", torch.tensor(epsilon, dtype=torch.float64))
+        self.epsilon, self.clip = epsilon, clip
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor):
+        x = x.reshape(-1, *self.mean.shape).to(torch.float64)
+        batch_mean, batch_var, batch_count = x.mean(0), x.var(0, unbiased=False), x.shape[0]
+        delta = batch_mean - self.mean
+        total = self.count + batch_count
+        self.mean += delta * batch_count / total
+        m2 = self.var * self.count + batch_var * batch_count + delta**2 * self.count * batch_count / total
+        self.var.copy_(m2 / total)
+        self.count.copy_(total)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        std = torch.sqrt(self.var.float() + self.epsilon)
+        return torch.clamp((x - self.mean.float()) / std, -self.clip, self.clip)
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sqrt(self.var.float() + self.epsilon) + self.mean.float()
+
+
+def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+def mlp(in_size: int, hidden_sizes, out_size: int, out_std: float) -> nn.Sequential:
+    layers, size = [], in_size
+    for hidden in hidden_sizes:
+        layers += [layer_init(nn.Linear(size, hidden)), nn.ReLU()]
+        size = hidden
+    return nn.Sequential(*layers, layer_init(nn.Linear(size, out_size), std=out_std))
+
+
+class Agent(nn.Module):
+    """Separate actor and critic MLPs (ReLU); actor mean through tanh; Gaussian (not squashed)
+    with a fixed (or learned) log-std; observation and value normalisers as buffers."""
+
+    def __init__(self, obs_size: int, action_size: int, hidden_sizes=(1024, 512), init_log_std=-2.3,
+                 learned_log_std=False, normalize_obs=True, normalize_value=True):
+        super().__init__()
+        self.actor_mean = mlp(obs_size, hidden_sizes, action_size, out_std=0.01)
+        self.critic = mlp(obs_size, hidden_sizes, 1, out_std=1.0)
+        self.actor_logstd = nn.Parameter(torch.full((1, action_size), float(init_log_std)), requires_grad=learned_log_std)
+        self.obs_normalizer = RunningMeanStd((obs_size,))
+        self.value_normalizer = RunningMeanStd(())
+        self.normalize_obs, self.normalize_value = normalize_obs, normalize_value
+
+    def norm_obs(self, obs):
+        return self.obs_normalizer.normalize(obs) if self.normalize_obs else obs
+
+    def get_normalized_value(self, obs):
+        return self.critic(self.norm_obs(obs)).squeeze(-1)
+
+    def denormalize_value(self, normalized_value):
+        """Critic output -> value in reward units."""
+        return self.value_normalizer.denormalize(normalized_value) if self.normalize_value else normalized_value
+
+    def get_value(self, obs):
+        return self.denormalize_value(self.get_normalized_value(obs))
+
+    def action_mean(self, obs):
+        return torch.tanh(self.actor_mean(self.norm_obs(obs)))
+
+    def get_action_and_value(self, obs, action=None):
+        mean = self.action_mean(obs)
+        probs = Normal(mean, self.actor_logstd.expand_as(mean).exp())
+        if action is None:
+            action = probs.sample()
+        return action, probs.log_prob(action).sum(1), probs.entropy().sum(1), self.get_normalized_value(obs), mean
+
+
+# ---------------------------------------------------------------------------------------------
+# PPO: GAE with timeout bootstrapping, clipped surrogate, value and bounds losses
+# ---------------------------------------------------------------------------------------------
+def compute_gae(rewards, values, next_values, dones, gamma: float, gae_lambda: float):
+    """Advantages and returns, all [T, N].
+
+    next_values[t] = V(s_{t+1}) * (1 - terminate_t), with s_{t+1} the observation at the step the
+    episode ended (timeouts bootstrap from the true last state, failures do not); dones[t] cuts
+    the advantage recursion at episode boundaries (the next stored step belongs to a new episode).
+    """
+    advantages = torch.zeros_like(rewards)
+    lastgaelam = torch.zeros_like(rewards[0])
+    for t in reversed(range(rewards.shape[0])):
+        delta = rewards[t] + gamma * next_values[t] - values[t]
+        lastgaelam = delta + gamma * gae_lambda * (1.0 - dones[t]) * lastgaelam
+        advantages[t] = lastgaelam
+    return advantages, advantages + values
+
+
+def bounds_loss(mean):
+    """ASE/rl_games penalty on action means outside [-1, 1] (zero while the mean is tanh'd)."""
+    return (F.relu(mean - 1.0) ** 2 + F.relu(-1.0 - mean) ** 2).sum(-1).mean()
+
+
+def ppo_update(agent: Agent, optimizer, b_obs, b_actions, b_logprobs, b_advantages, b_returns, b_values, args: Args, minibatch_size: int):
+    """Clipped-surrogate PPO epochs over one rollout batch (flattened [B, ...] tensors).
+    Returns a dict of on-device scalars for logging."""
+    batch_size = b_obs.shape[0]
+    if agent.normalize_value:  # value targets in normalised units (rl_games' value_mean_std)
+        agent.value_normalizer.update(b_returns)
+        b_returns_n = agent.value_normalizer.normalize(b_returns)
+        b_values_n = agent.value_normalizer.normalize(b_values)
+    else:
+        b_returns_n, b_values_n = b_returns, b_values
+    clipfracs = []
+    for epoch in range(args.update_epochs):
+        b_inds = torch.randperm(batch_size, device=b_obs.device)
+        for start in range(0, batch_size, minibatch_size):
+            mb_inds = b_inds[start : start + minibatch_size]
+            _, newlogprob, entropy, newvalue, mean = agent.get_action_and_value(b_obs[mb_inds], b_actions[mb_inds])
+            logratio = newlogprob - b_logprobs[mb_inds]
+            ratio = logratio.exp()
+            with torch.no_grad():
+                old_approx_kl = (-logratio).mean()
+                approx_kl = ((ratio - 1) - logratio).mean()
+                clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean())
+
+            mb_advantages = b_advantages[mb_inds]
+            if args.norm_adv:
+                mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+
+            pg_loss1 = -mb_advantages * ratio
+            pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+            pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+
+            if args.clip_vloss:
+                v_loss_unclipped = (newvalue - b_returns_n[mb_inds]) ** 2
+                v_clipped = b_values_n[mb_inds] + torch.clamp(newvalue - b_values_n[mb_inds], -args.clip_coef, args.clip_coef)
+                v_loss = 0.5 * torch.max(v_loss_unclipped, (v_clipped - b_returns_n[mb_inds]) ** 2).mean()
+            else:
+                v_loss = 0.5 * ((newvalue - b_returns_n[mb_inds]) ** 2).mean()
+
+            entropy_loss = entropy.mean()
+            b_loss = bounds_loss(mean)
+            loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef + args.bounds_loss_coef * b_loss
+
+            optimizer.zero_grad()
+            loss.backward()
+            if args.max_grad_norm is not None:
+                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+            optimizer.step()
+
+        if args.target_kl is not None and approx_kl > args.target_kl:  # one host sync per epoch, only when set
+            break
+
+    var_y = b_returns.var()
+    explained_var = 1 - (b_values - b_returns).var() / var_y
+    return {"losses/value_loss": v_loss.detach(), "losses/policy_loss": pg_loss.detach(), "losses/entropy": entropy_loss.detach(),
+            "losses/bounds_loss": b_loss.detach(), "losses/old_approx_kl": old_approx_kl, "losses/approx_kl": approx_kl,
+            "losses/clipfrac": torch.stack(clipfracs).mean(), "losses/explained_variance": explained_var}
+
+
+# ---------------------------------------------------------------------------------------------
+# Episode statistics, checkpoints, evaluation
+# ---------------------------------------------------------------------------------------------
+class EpisodeStats:
+    """Per-env running task return (summed over control steps) and length, plus on-device sums
+    over the episodes finished since the last read: fixed size, read once per iteration."""
+
+    def __init__(self, num_envs: int, device):
+        self.running_return = torch.zeros(num_envs, device=device)
+        self.running_length = torch.zeros(num_envs, device=device)
+        self.finished = torch.zeros(3, device=device)  # sum of returns, sum of lengths, count
+
+    def update(self, step: HighLevelStep):
+        self.running_return += step.task_reward_sum
+        self.running_length += step.control_steps
+        done = step.done.float()
+        self.finished += torch.stack([(self.running_return * done).sum(), (self.running_length * done).sum(), done.sum()])
+        self.running_return *= 1.0 - done
+        self.running_length *= 1.0 - done
+
+    def take(self) -> torch.Tensor:
+        """[sum of returns, sum of lengths, count] of the episodes finished since the last call (on device)."""
+        finished = self.finished.clone()
+        self.finished.zero_()
+        return finished
+
+
+def rng_states() -> dict:
+    states = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+              "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict):
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(("MT19937", states["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
+    py_state = states["python"]
+    random.setstate((py_state[0], tuple(py_state[1]), py_state[2]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(path: str, agent, optimizer, args: Args, run_name: str, global_step: int, iteration: int, wandb_run_id=None):
+    """Atomic write (temp file, then os.replace) of everything needed to resume; plain tensors and
+    plain Python values only, so torch.load(path, weights_only=True) reads it."""
+    checkpoint = {"format": "hrl_ppo_checkpoint", "version": 1, "agent": agent.state_dict(), "optimizer": optimizer.state_dict(),
+                  "args": asdict(args), "run_name": run_name, "global_step": global_step, "iteration": iteration,
+                  "rng": rng_states(), "wandb_run_id": wandb_run_id}
+    tmp_path = f"{path}.tmp"
+    torch.save(checkpoint, tmp_path)
+    os.replace(tmp_path, path)
+
+
+def load_checkpoint(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: checkpoint {path} does not exist")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != "hrl_ppo_checkpoint":
+        raise SystemExit(f"error: {path} is not a checkpoint written by hrl_ppo_continuous.py (format 'hrl_ppo_checkpoint')")
+    return checkpoint
+
+
+def args_from_checkpoint(checkpoint: dict, **overrides) -> Args:
+    known = {f.name for f in fields(Args)}
+    saved = {k: v for k, v in checkpoint["args"].items() if k in known}
+    saved["hidden_sizes"] = tuple(saved.get("hidden_sizes", (1024, 512)))
+    return Args(**{**saved, **overrides})
+
+
+def parse_args(argv=None) -> Args:
+    """tyro flags; with --resume or --eval-checkpoint the saved flags become the defaults, so only
+    the flags given now override them."""
+    args = tyro.cli(Args, args=argv)
+    saved_path = args.resume or args.eval_checkpoint
+    if saved_path and not (args.resume and args.eval_checkpoint):
+        checkpoint = load_checkpoint(saved_path)
+        default = args_from_checkpoint(checkpoint, resume=args.resume, eval_checkpoint=args.eval_checkpoint)
+        args = tyro.cli(Args, args=argv, default=default)
+        if args.resume:
+            for name in ("env_backend", "robot", "task", "llc_checkpoint", "llc_steps", "num_envs", "num_steps", "hidden_sizes", "learned_log_std"):
+                if getattr(args, name) != getattr(default, name):
+                    raise SystemExit(f"error: --resume cannot change --{name.replace('_', '-')} "
+                                     f"(saved {getattr(default, name)!r}, given {getattr(args, name)!r})")
+    check_flags(args)
+    return args
+
+
+def record_video(env, llc, agent, derived: Derived, task_obs_size: int, style_weight: float, video_dir: str):
+    """One deterministic episode of env 0 rendered with tasks.video (mjwarp backend)."""
+    try:
+        from tasks import video
+    except ImportError as err:
+        raise SystemExit(f"error: --capture-video needs tasks/video.py, which this checkout lacks ({err})")
+    frames = []
+    obs = env.reset()["obs"]
+    for _ in range(env.max_episode_length // derived.llc_steps + 1):
+        with torch.no_grad():
+            action = agent.action_mean(obs)
+        step = hierarchical_step(env, llc, action, obs, derived.llc_steps, task_obs_size, style_weight)
+        frames.append(video.render(env, world=0))
+        if bool(step.done[0]):
+            break
+        obs = step.obs
+    os.makedirs(video_dir, exist_ok=True)
+    path = os.path.join(video_dir, "episode.mp4")
+    video.write(path, frames, fps=1.0 / (env.control_dt * derived.llc_steps))
+    print(f"video: {path}")
+
+
+def evaluate(args: Args, derived: Derived, checkpoint: dict):
+    """Deterministic policy (action = mean) for --eval-episodes episodes: one episode per env."""
+    num_envs = args.eval_episodes
+    env = make_env(args, derived, num_envs, seed=args.seed)
+    llc = load_frozen_llc(args, derived, env)
+    task_obs_size = env.get_task_obs_size()
+    style_weight = resolve_style_reward_weight(args, llc, env)
+    agent = Agent(env.num_obs, env.num_actions if derived.flat else llc.latent_dim, args.hidden_sizes, args.init_log_std,
+                  args.learned_log_std, args.normalize_obs, args.normalize_value).to(derived.device)
+    agent.load_state_dict(checkpoint["agent"])
+    episode_return = torch.zeros(num_envs, device=derived.device)
+    episode_length = torch.zeros(num_envs, device=derived.device)
+    finished = torch.zeros(num_envs, dtype=torch.bool, device=derived.device)
+    obs = env.reset()["obs"]
+    max_high_level_steps = max(1, env.max_episode_length) // derived.llc_steps + 2
+    for _ in range(max_high_level_steps):
+        with torch.no_grad():
+            action = agent.action_mean(obs)
+        step = hierarchical_step(env, llc, action, obs, derived.llc_steps, task_obs_size, style_weight)
+        episode_return += step.task_reward_sum * ~finished
+        episode_length += step.control_steps * ~finished
+        finished |= step.done
+        if bool(finished.all()):
+            break
+        obs = env.reset_done()["obs"]
+    print(f"eval: {args.eval_checkpoint}: mean return {episode_return.mean().item():.3f} "
+          f"(std {episode_return.std(unbiased=False).item():.3f}), mean episode length {episode_length.mean().item():.1f} "
+          f"control steps over {num_envs} episodes ({int(finished.sum())} ended before the step limit)")
+    if args.capture_video:
+        run_name = checkpoint["run_name"]
+        record_video(env, llc, agent, derived, task_obs_size, style_weight, os.path.join("videos", f"{run_name}-eval"))
+
+
+def progress_line(iteration: int, num_iterations: int, global_step: int, sps: float, elapsed: float, mean_return) -> str:
+    width = 20
+    filled = int(width * iteration / num_iterations)
+    eta = elapsed / max(iteration, 1) * (num_iterations - iteration)
+    ret = "n/a" if mean_return is None else f"{mean_return:.2f}"
+    return (f"[{'#' * filled}{'.' * (width - filled)}] iter {iteration}/{num_iterations} step {global_step} "
+            f"SPS {sps:.0f} return {ret} ETA {int(eta // 60)}m{int(eta % 60):02d}s")
+
+
+# ---------------------------------------------------------------------------------------------
+# Main: set-up, rollout, update, logging
+# ---------------------------------------------------------------------------------------------
+stop_requested = False
+
+
+def request_stop(signum, frame):
+    """Ctrl-C / SIGTERM: finish the current iteration, write a checkpoint, exit. A second Ctrl-C aborts."""
+    global stop_requested
+    if stop_requested and signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    stop_requested = True
+    print(f"\nsignal {signum}: stopping after this iteration and writing a checkpoint", flush=True)
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    derived = derive(args)
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = derived.device
+
+    if args.eval_checkpoint:
+        evaluate(args, derived, load_checkpoint(args.eval_checkpoint))
+        sys.exit(0)
+
+    resume_checkpoint = load_checkpoint(args.resume) if args.resume else None
+    if resume_checkpoint is not None:
+        run_name = resume_checkpoint["run_name"]
+    else:
+        run_name = f"{args.robot}-{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join("runs", run_name)
+    os.makedirs(run_dir, exist_ok=True)
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+
+    # env, frozen LLC, policy
+    env = make_env(args, derived, derived.num_envs, seed=args.seed)
+    llc = load_frozen_llc(args, derived, env)
+    task_obs_size = env.get_task_obs_size()
+    style_weight = resolve_style_reward_weight(args, llc, env)
+    action_size = env.num_actions if derived.flat else llc.latent_dim  # high-level action = latent z
+    agent = Agent(env.num_obs, action_size, args.hidden_sizes, args.init_log_std, args.learned_log_std,
+                  args.normalize_obs, args.normalize_value).to(device)
+    optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate, eps=1e-8)
+    global_step, start_iteration, wandb_run_id = 0, 1, None
+    if resume_checkpoint is not None:
+        agent.load_state_dict(resume_checkpoint["agent"])
+        optimizer.load_state_dict(resume_checkpoint["optimizer"])
+        global_step, start_iteration = resume_checkpoint["global_step"], resume_checkpoint["iteration"] + 1
+        wandb_run_id = resume_checkpoint.get("wandb_run_id")
+        set_rng_states(resume_checkpoint["rng"])
+        print(f"resumed {run_name} at global step {global_step} (iteration {start_iteration - 1})")
+
+    # logging (args are stored resolved, so a resumed run has the same schedule)
+    args.num_envs, args.llc_steps, args.total_timesteps = derived.num_envs, derived.llc_steps, derived.total_timesteps
+    args.style_reward_weight = style_weight
+    if args.track:
+        import wandb
+
+        run = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
+                         name=run_name, save_code=True, id=wandb_run_id, resume="allow" if wandb_run_id else None, dir=run_dir)
+        wandb_run_id = run.id
+    writer = SummaryWriter(run_dir)
+    if resume_checkpoint is None:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])))
+    print(f"{run_name}: {env.num_envs} envs on {device}, k = {derived.llc_steps}, "
+          f"{'flat PPO' if derived.flat else f'LLC {derived.llc_path}'}, style weight {style_weight}, "
+          f"{derived.num_iterations} iterations x {derived.sim_steps_per_iteration} simulator steps")
+
+    # rollout storage, allocated once on the device
+    obs = torch.zeros((args.num_steps, env.num_envs, env.num_obs), device=device)
+    actions = torch.zeros((args.num_steps, env.num_envs, action_size), device=device)
+    logprobs = torch.zeros((args.num_steps, env.num_envs), device=device)
+    rewards = torch.zeros((args.num_steps, env.num_envs), device=device)
+    dones = torch.zeros((args.num_steps, env.num_envs), device=device)
+    values = torch.zeros((args.num_steps, env.num_envs), device=device)
+    next_values = torch.zeros((args.num_steps, env.num_envs), device=device)
+    episode_stats = EpisodeStats(env.num_envs, device)
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    start_time = time.time()
+    start_global_step = global_step
+    next_obs = env.reset()["obs"]
+    iteration = start_iteration - 1
+    for iteration in range(start_iteration, derived.num_iterations + 1):
+        if args.anneal_lr:
+            frac = 1.0 - (iteration - 1.0) / derived.num_iterations
+            optimizer.param_groups[0]["lr"] = frac * args.learning_rate
+        iteration_start = time.time()
+
+        for step in range(args.num_steps):
+            obs[step] = next_obs
+            with torch.no_grad():
+                action, logprob, _, normalized_value, _ = agent.get_action_and_value(next_obs)
+                values[step] = agent.denormalize_value(normalized_value)
+            actions[step], logprobs[step] = action, logprob
+
+            result = hierarchical_step(env, llc, action, next_obs, derived.llc_steps, task_obs_size, style_weight)
+            rewards[step] = result.reward
+            dones[step] = result.done.float()
+            with torch.no_grad():  # timeouts bootstrap from the true last state, failures do not
+                next_values[step] = agent.get_value(result.bootstrap_obs) * (~result.terminate)
+            episode_stats.update(result)
+            next_obs = env.reset_done()["obs"]  # finished envs start a new episode
+        global_step += derived.sim_steps_per_iteration
+        rollout_time = time.time() - iteration_start
+
+        advantages, returns = compute_gae(rewards, values, next_values, dones, args.gamma, args.gae_lambda)
+        b_obs = obs.reshape((-1, env.num_obs))
+        metrics = ppo_update(agent, optimizer, b_obs, actions.reshape((-1, action_size)), logprobs.reshape(-1),
+                             advantages.reshape(-1), returns.reshape(-1), values.reshape(-1), args, derived.minibatch_size)
+        if agent.normalize_obs:  # after the update, so the stored log-probs matched the normalisation in use
+            agent.obs_normalizer.update(b_obs)
+
+        # logging: everything comes to the host in one transfer per iteration
+        metrics["charts/mean_reward"] = rewards.mean()
+        if hasattr(env, "nonfinite_resets"):
+            metrics["charts/nonfinite_resets"] = env.nonfinite_resets.to(device=device, dtype=torch.float32)
+        host_values = torch.cat([torch.stack(list(metrics.values())), episode_stats.take()]).tolist()
+        return_sum, length_sum, episodes = host_values[-3:]
+        for key, value in zip(metrics, host_values):
+            writer.add_scalar(key, value, global_step)
+        mean_return = return_sum / episodes if episodes else None
+        elapsed = time.time() - start_time
+        sps = (global_step - start_global_step) / elapsed
+        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+        writer.add_scalar("charts/SPS", sps, global_step)
+        writer.add_scalar("charts/high_level_SPS", sps / derived.llc_steps, global_step)
+        writer.add_scalar("charts/rollout_SPS", derived.sim_steps_per_iteration / rollout_time, global_step)
+        if episodes:
+            writer.add_scalar("charts/episodic_return", mean_return, global_step)
+            writer.add_scalar("charts/episodic_length", length_sum / episodes, global_step)
+            writer.add_scalar("charts/episodes", episodes, global_step)
+        print(progress_line(iteration, derived.num_iterations, global_step, sps, elapsed, mean_return), flush=True)
+
+        if iteration % args.checkpoint_interval == 0 or iteration == derived.num_iterations or stop_requested:
+            save_checkpoint(checkpoint_path, agent, optimizer, args, run_name, global_step, iteration, wandb_run_id)
+        if stop_requested:
+            print(f"stopped: checkpoint {checkpoint_path} (resume with --resume {checkpoint_path})")
+            break
+
+    if iteration < start_iteration:  # nothing left to do (resumed a finished run)
+        print(f"{run_name} already reached iteration {derived.num_iterations}; raise --total-timesteps to train on")
+    print(f"checkpoint: {checkpoint_path}")
+    if args.save_model:
+        model_path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
+        torch.save(agent.state_dict(), model_path)
+        print(f"model saved to {model_path}")
+    if args.capture_video and not stop_requested:
+        record_video(env, llc, agent, derived, task_obs_size, style_weight, os.path.join("videos", run_name))
+    writer.close()
+    if args.track:
+        wandb.finish()
