@@ -288,10 +288,16 @@ def load_frozen_llc(args: Args, derived: Derived, env):
     """The frozen LLC, checked against the env; None for the flat baseline."""
     if derived.flat:
         return None
-    from llc import load_llc
+    from llc import LLCCheckpointError, load_llc
 
-    llc = load_llc(derived.llc_path, device=str(derived.device), ase_config=args.llc_config)
-    llc.check_env(env.num_obs, env.get_task_obs_size(), path=derived.llc_path)
+    if not os.path.isfile(derived.llc_path):
+        raise SystemExit(f"error: no LLC checkpoint at {derived.llc_path}: train one with llc_pretrain.py, pass "
+                         f"--llc-checkpoint PATH, or --llc-checkpoint none for flat PPO")
+    try:
+        llc = load_llc(derived.llc_path, device=str(derived.device), ase_config=args.llc_config)
+        llc.check_env(env.num_obs, env.get_task_obs_size(), path=derived.llc_path)
+    except LLCCheckpointError as err:
+        raise SystemExit(f"error: {err}")
     if llc.action_dim != env.num_actions:
         raise SystemExit(f"error: LLC {derived.llc_path} outputs {llc.action_dim} actions, env {args.robot}/{args.task} expects {env.num_actions}")
     return llc
@@ -469,6 +475,12 @@ def compute_gae(rewards, values, next_values, dones, gamma: float, gae_lambda: f
         lastgaelam = delta + gamma * gae_lambda * (1.0 - dones[t]) * lastgaelam
         advantages[t] = lastgaelam
     return advantages, advantages + values
+
+
+def bootstrap_value(agent, step: HighLevelStep) -> torch.Tensor:
+    """V(s') * (1 - terminate): timeouts bootstrap from the true last state, failures do not."""
+    with torch.no_grad():
+        return agent.get_value(step.bootstrap_obs) * (~step.terminate)
 
 
 def bounds_loss(mean):
@@ -672,16 +684,17 @@ def evaluate(args: Args, derived: Derived, checkpoint: dict):
         obs = env.reset_done()["obs"]
     print(f"eval: {args.eval_checkpoint}: mean return {episode_return.mean().item():.3f} "
           f"(std {episode_return.std(unbiased=False).item():.3f}), mean episode length {episode_length.mean().item():.1f} "
-          f"control steps over {num_envs} episodes ({int(finished.sum())} ended before the step limit)")
+          f"control steps over {num_envs} episodes")
     if args.capture_video:
         run_name = checkpoint["run_name"]
         record_video(env, llc, agent, derived, task_obs_size, style_weight, os.path.join("videos", f"{run_name}-eval"))
 
 
-def progress_line(iteration: int, num_iterations: int, global_step: int, sps: float, elapsed: float, mean_return) -> str:
+def progress_line(iteration: int, num_iterations: int, iterations_this_session: int, global_step: int, sps: float,
+                  elapsed: float, mean_return) -> str:
     width = 20
     filled = int(width * iteration / num_iterations)
-    eta = elapsed / max(iteration, 1) * (num_iterations - iteration)
+    eta = elapsed / iterations_this_session * (num_iterations - iteration)
     ret = "n/a" if mean_return is None else f"{mean_return:.2f}"
     return (f"[{'#' * filled}{'.' * (width - filled)}] iter {iteration}/{num_iterations} step {global_step} "
             f"SPS {sps:.0f} return {ret} ETA {int(eta // 60)}m{int(eta % 60):02d}s")
@@ -721,10 +734,6 @@ if __name__ == "__main__":
         run_name = resume_checkpoint["run_name"]
     else:
         run_name = f"{args.robot}-{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join("runs", run_name)
-    os.makedirs(run_dir, exist_ok=True)
-    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
-
     # env, frozen LLC, policy
     env = make_env(args, derived, derived.num_envs, seed=args.seed)
     llc = load_frozen_llc(args, derived, env)
@@ -742,6 +751,10 @@ if __name__ == "__main__":
         wandb_run_id = resume_checkpoint.get("wandb_run_id")
         set_rng_states(resume_checkpoint["rng"])
         print(f"resumed {run_name} at global step {global_step} (iteration {start_iteration - 1})")
+
+    run_dir = os.path.join("runs", run_name)
+    os.makedirs(run_dir, exist_ok=True)
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
 
     # logging (args are stored resolved, so a resumed run has the same schedule)
     args.num_envs, args.llc_steps, args.total_timesteps = derived.num_envs, derived.llc_steps, derived.total_timesteps
@@ -791,8 +804,7 @@ if __name__ == "__main__":
             result = hierarchical_step(env, llc, action, next_obs, derived.llc_steps, task_obs_size, style_weight)
             rewards[step] = result.reward
             dones[step] = result.done.float()
-            with torch.no_grad():  # timeouts bootstrap from the true last state, failures do not
-                next_values[step] = agent.get_value(result.bootstrap_obs) * (~result.terminate)
+            next_values[step] = bootstrap_value(agent, result)
             episode_stats.update(result)
             next_obs = env.reset_done()["obs"]  # finished envs start a new episode
         global_step += derived.sim_steps_per_iteration
@@ -824,7 +836,7 @@ if __name__ == "__main__":
             writer.add_scalar("charts/episodic_return", mean_return, global_step)
             writer.add_scalar("charts/episodic_length", length_sum / episodes, global_step)
             writer.add_scalar("charts/episodes", episodes, global_step)
-        print(progress_line(iteration, derived.num_iterations, global_step, sps, elapsed, mean_return), flush=True)
+        print(progress_line(iteration, derived.num_iterations, iteration - start_iteration + 1, global_step, sps, elapsed, mean_return), flush=True)
 
         if iteration % args.checkpoint_interval == 0 or iteration == derived.num_iterations or stop_requested:
             save_checkpoint(checkpoint_path, agent, optimizer, args, run_name, global_step, iteration, wandb_run_id)

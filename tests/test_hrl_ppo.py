@@ -1,0 +1,375 @@
+"""Unit tests of hrl_ppo_continuous.py with a scripted fake env and a tiny fake LLC (no simulator)."""
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_DIR)
+sys.path.insert(0, os.path.join(REPO_DIR, "tests", "fake_isaacgym"))
+
+import hrl_ppo_continuous as hrl  # noqa: E402
+from fake_vec_task import FakeVecTask  # noqa: E402
+
+NUM_OBS, TASK_OBS, LATENT = 6, 2, 3
+
+
+class ScriptedEnv:
+    """Env contract with hand-set rewards and finishes, one row per step() call.
+
+    finish[t][i]: env i's episode ends at step t (fail[t][i]: by failure, else by timeout).
+    done / terminate / time_outs are sticky until reset_done(), as in tasks/. Observation of env i
+    after step t: [t + 1, i, 10 * (t + 1) + i, 1, task_a, task_b] (the last TASK_OBS = task part)."""
+
+    def __init__(self, rewards, finish, fail, amp=None, num_actions=2):
+        self.rewards = torch.tensor(rewards, dtype=torch.float32)
+        self.finish = torch.tensor(finish, dtype=torch.bool)
+        self.fail = torch.tensor(fail, dtype=torch.bool)
+        self.amp = None if amp is None else torch.tensor(amp, dtype=torch.float32)
+        self.num_envs = self.rewards.shape[1]
+        self.num_obs, self.num_actions, self.device = NUM_OBS, num_actions, torch.device("cpu")
+        self.t = 0
+        self.actions = []
+        self.done = torch.zeros(self.num_envs, dtype=torch.bool)
+        self.terminate = torch.zeros_like(self.done)
+        self.time_outs = torch.zeros_like(self.done)
+
+    def get_task_obs_size(self):
+        return TASK_OBS
+
+    def obs(self, step_count):
+        env_index = torch.arange(self.num_envs, dtype=torch.float32)
+        columns = [torch.full_like(env_index, step_count), env_index, 10 * step_count + env_index,
+                   torch.ones_like(env_index), -env_index, env_index + 0.5]
+        return torch.stack(columns, dim=-1)
+
+    def reset(self):
+        return {"obs": self.obs(0)}
+
+    def step(self, actions):
+        self.actions.append(actions.clone())
+        t = self.t
+        newly = self.finish[t] & ~self.done
+        self.terminate |= newly & self.fail[t]
+        self.time_outs |= newly & ~self.fail[t]
+        self.done |= newly
+        self.t += 1
+        extras = {"terminate": self.terminate.clone(), "time_outs": self.time_outs.clone()}
+        if self.amp is not None:
+            extras["amp_obs"] = self.amp[t].unsqueeze(-1)
+        return {"obs": self.obs(self.t)}, self.rewards[t], self.done.clone(), extras
+
+    def reset_done(self):
+        self.done[:] = False
+        self.terminate[:] = False
+        self.time_outs[:] = False
+        return {"obs": self.obs(self.t)}
+
+
+class FakeLLC(nn.Module):
+    """Tiny LLC with the llc.py interface; records what act() receives."""
+
+    def __init__(self, obs_dim=NUM_OBS - TASK_OBS, latent_dim=LATENT, action_dim=2, has_discriminator=False):
+        super().__init__()
+        self.obs_dim, self.latent_dim, self.action_dim = obs_dim, latent_dim, action_dim
+        self.has_discriminator = has_discriminator
+        self.source_format = "native"
+        self.net = nn.Linear(obs_dim + latent_dim, action_dim)
+        self.requires_grad_(False)
+        self.calls = []
+
+    def act(self, llc_obs, z):
+        self.calls.append((llc_obs.clone(), z.clone()))
+        return torch.clamp(self.net(torch.cat([llc_obs, nn.functional.normalize(z, dim=-1)], dim=-1)), -1.0, 1.0)
+
+    def style_reward(self, amp_obs):
+        return amp_obs[:, 0]
+
+
+# ------------------------------------------------------------------ the hierarchical step
+def masking_script():
+    # k = 4 inner steps, 3 envs. env 0 never finishes; env 1 times out at inner step 2 (index 1);
+    # env 2 fails at inner step 1 (index 0). Rewards after a finish (100) must not count.
+    rewards = [[1.0, 1.0, 5.0], [2.0, 3.0, 100.0], [3.0, 100.0, 100.0], [4.0, 100.0, 100.0]]
+    finish = [[False, False, True], [False, True, False], [False, False, False], [False, False, False]]
+    fail = [[False, False, True], [False, False, False], [False, False, False], [False, False, False]]
+    return rewards, finish, fail
+
+
+def test_rewards_are_averaged_up_to_the_finishing_step_and_flags_aggregated():
+    env = ScriptedEnv(*masking_script())
+    obs = env.reset()["obs"]
+    step = hrl.hierarchical_step(env, FakeLLC(), torch.ones(3, LATENT), obs, llc_steps=4, task_obs_size=TASK_OBS)
+    # env 0: (1 + 2 + 3 + 4) / 4; env 1: (1 + 3) / 2 (timeout at step 2); env 2: 5 / 1 (fell at step 1)
+    assert step.reward.tolist() == [2.5, 2.0, 5.0]
+    assert step.task_reward_sum.tolist() == [10.0, 4.0, 5.0]
+    assert step.control_steps.tolist() == [4.0, 2.0, 1.0]
+    assert step.done.tolist() == [False, True, True]
+    assert step.terminate.tolist() == [False, False, True]
+    assert env.t == 4  # all k inner steps ran: finished envs keep simulating until reset_done()
+
+
+def test_bootstrap_observation_is_the_one_at_the_finishing_step():
+    env = ScriptedEnv(*masking_script())
+    step = hrl.hierarchical_step(env, FakeLLC(), torch.ones(3, LATENT), env.reset()["obs"], 4, TASK_OBS)
+    # obs[:, 0] counts steps: env 0 ran 4, env 1 finished after step 2, env 2 after step 1
+    assert step.bootstrap_obs[:, 0].tolist() == [4.0, 2.0, 1.0]
+    assert torch.equal(step.bootstrap_obs[1], env.obs(2)[1])
+    assert step.obs[:, 0].tolist() == [4.0, 4.0, 4.0]
+
+
+def test_llc_gets_obs_without_task_tail_and_the_same_unit_z_every_inner_step():
+    rewards, finish, fail = masking_script()
+    env, llc = ScriptedEnv(rewards, finish, fail), FakeLLC()
+    obs = env.reset()["obs"]
+    high_action = torch.tensor([[3.0, 0.0, 0.0], [0.5, -0.5, 0.0], [-2.0, 2.0, 0.25]])
+    hrl.hierarchical_step(env, llc, high_action, obs, llc_steps=4, task_obs_size=TASK_OBS)
+    expected_z = torch.tensor([[1.0, 0.0, 0.0], [0.5, -0.5, 0.0], [-1.0, 1.0, 0.25]])  # clamp to [-1, 1]
+    expected_z = expected_z / expected_z.norm(dim=-1, keepdim=True)
+    assert len(llc.calls) == 4
+    for inner_step, (llc_obs, z) in enumerate(llc.calls):
+        assert llc_obs.shape == (3, NUM_OBS - TASK_OBS)
+        assert torch.equal(llc_obs, env.obs(inner_step)[:, : NUM_OBS - TASK_OBS])  # fresh obs each step
+        assert torch.allclose(z.norm(dim=-1), torch.ones(3))
+        assert torch.allclose(z, expected_z)
+
+
+def test_flat_baseline_sends_the_clamped_action_to_the_env():
+    env = ScriptedEnv([[1.0, 2.0]], [[False, True]], [[False, True]])
+    action = torch.tensor([[0.5, -3.0], [2.0, 0.1]])
+    step = hrl.hierarchical_step(env, None, action, env.reset()["obs"], llc_steps=1, task_obs_size=TASK_OBS)
+    assert torch.equal(env.actions[0], torch.tensor([[0.5, -1.0], [1.0, 0.1]]))
+    assert step.reward.tolist() == [1.0, 2.0]
+    assert step.terminate.tolist() == [False, True]
+
+
+def test_style_reward_is_mixed_and_masked_like_the_task_reward():
+    rewards, finish, fail = masking_script()
+    amp = [[10.0, 20.0, 30.0], [10.0, 40.0, 0.0], [10.0, 0.0, 0.0], [10.0, 0.0, 0.0]]
+    env = ScriptedEnv(rewards, finish, fail, amp=amp)
+    step = hrl.hierarchical_step(env, FakeLLC(has_discriminator=True), torch.ones(3, LATENT), env.reset()["obs"], 4,
+                                 TASK_OBS, style_weight=0.25)
+    task_mean, style_mean = torch.tensor([2.5, 2.0, 5.0]), torch.tensor([10.0, 30.0, 30.0])
+    assert torch.allclose(step.reward, 0.75 * task_mean + 0.25 * style_mean)
+    assert step.task_reward_sum.tolist() == [10.0, 4.0, 5.0]  # episode returns stay task-only
+
+
+def test_style_weight_defaults_and_errors():
+    args = hrl.Args()
+    env_with_amp = ScriptedEnv(*masking_script())
+    env_with_amp.get_num_amp_obs = lambda: 1
+    env_without_amp = ScriptedEnv(*masking_script())
+    assert hrl.resolve_style_reward_weight(args, FakeLLC(has_discriminator=True), env_with_amp) == 0.1
+    assert hrl.resolve_style_reward_weight(args, FakeLLC(has_discriminator=False), env_with_amp) == 0.0
+    assert hrl.resolve_style_reward_weight(args, FakeLLC(has_discriminator=True), env_without_amp) == 0.0
+    assert hrl.resolve_style_reward_weight(args, None, env_with_amp) == 0.0
+    with pytest.raises(SystemExit, match="needs an LLC with a discriminator"):
+        hrl.resolve_style_reward_weight(hrl.Args(style_reward_weight=0.2), FakeLLC(), env_with_amp)
+    with pytest.raises(SystemExit, match="needs AMP observations"):
+        hrl.resolve_style_reward_weight(hrl.Args(style_reward_weight=0.2), FakeLLC(has_discriminator=True), env_without_amp)
+
+
+# ------------------------------------------------------------------ GAE and bootstrapping
+class ValueIsFirstObsEntry:
+    def get_value(self, obs):
+        return obs[:, 0]
+
+
+def test_timeouts_bootstrap_and_terminations_do_not():
+    obs = torch.tensor([[2.0, 0.0], [3.0, 0.0]])
+    step = hrl.HighLevelStep(obs, obs, None, None, None, torch.tensor([True, True]), torch.tensor([False, True]))
+    assert hrl.bootstrap_value(ValueIsFirstObsEntry(), step).tolist() == [2.0, 0.0]
+
+
+def test_gae_hand_computed_with_a_timeout_and_a_termination():
+    # gamma = lambda = 0.5. Both envs finish at t = 1: env 0 by timeout (bootstrap V(s_terminal) = 2),
+    # env 1 by failure (next value 0).
+    rewards = torch.tensor([[1.0, 0.0], [1.0, -1.0], [1.0, 2.0]])
+    values = torch.tensor([[0.5, 1.0], [0.5, 1.0], [0.5, 1.0]])
+    next_values = torch.tensor([[0.5, 1.0], [2.0, 0.0], [0.5, 1.0]])
+    dones = torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
+    advantages, returns = hrl.compute_gae(rewards, values, next_values, dones, gamma=0.5, gae_lambda=0.5)
+    # env 0: d2 = 1 + .25 - .5 = .75; d1 = 1 + 1 - .5 = 1.5 (boundary); d0 = .75, A0 = .75 + .25 * 1.5
+    # env 1: d2 = 2 + .5 - 1 = 1.5; d1 = -1 + 0 - 1 = -2 (boundary); d0 = -.5, A0 = -.5 + .25 * -2
+    assert advantages.tolist() == [[1.125, -1.0], [1.5, -2.0], [0.75, 1.5]]
+    assert returns.tolist() == [[1.625, 0.0], [2.0, -1.0], [1.25, 2.5]]
+
+
+def test_gae_equals_a_plain_per_env_loop_exactly():
+    generator = torch.Generator().manual_seed(0)
+    T, N, gamma, lam = 7, 5, 0.99, 0.95
+    rewards, values, next_values = (torch.randn(T, N, generator=generator) for _ in range(3))
+    dones = (torch.rand(T, N, generator=generator) < 0.3).float()
+    advantages, _ = hrl.compute_gae(rewards, values, next_values, dones, gamma, lam)
+    expected = torch.zeros(T, N)
+    for i in range(N):
+        running = torch.tensor(0.0)
+        for t in reversed(range(T)):
+            delta = rewards[t, i] + gamma * next_values[t, i] - values[t, i]
+            running = delta + gamma * lam * (1.0 - dones[t, i]) * running
+            expected[t, i] = running
+    assert torch.equal(advantages, expected)
+
+
+# ------------------------------------------------------------------ training keeps the LLC frozen
+def test_ppo_update_trains_the_policy_and_leaves_the_llc_unchanged():
+    torch.manual_seed(0)
+    env = hrl.IsaacGymEnv(FakeVecTask(num_envs=4, max_episode_length=6))
+    llc = FakeLLC(obs_dim=6, latent_dim=LATENT, action_dim=3)
+    llc_before = {k: v.clone() for k, v in llc.state_dict().items()}
+    agent = hrl.Agent(env.num_obs, LATENT, hidden_sizes=(16, 16))
+    agent_before = {k: v.clone() for k, v in agent.state_dict().items()}
+    args = hrl.Args(update_epochs=2, learning_rate=1e-2)
+    optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate)
+    T, k = 5, 2
+    obs_buf, actions, logprobs = torch.zeros(T, 4, env.num_obs), torch.zeros(T, 4, LATENT), torch.zeros(T, 4)
+    rewards, values, next_values, dones = (torch.zeros(T, 4) for _ in range(4))
+    next_obs = env.reset()["obs"]
+    for t in range(T):
+        obs_buf[t] = next_obs
+        with torch.no_grad():
+            action, logprobs[t], _, value_n, _ = agent.get_action_and_value(next_obs)
+        actions[t], values[t] = action, agent.denormalize_value(value_n)
+        step = hrl.hierarchical_step(env, llc, action, next_obs, k, env.get_task_obs_size())
+        rewards[t], dones[t], next_values[t] = step.reward, step.done.float(), hrl.bootstrap_value(agent, step)
+        next_obs = env.reset_done()["obs"]
+    assert env.vec_task.steps_taken == T * k
+    assert dones.sum() > 0  # episodes of 6 steps ended inside the rollout
+    advantages, returns = hrl.compute_gae(rewards, values, next_values, dones, 0.99, 0.95)
+    metrics = hrl.ppo_update(agent, optimizer, obs_buf.reshape(-1, env.num_obs), actions.reshape(-1, LATENT),
+                             logprobs.reshape(-1), advantages.reshape(-1), returns.reshape(-1), values.reshape(-1), args,
+                             minibatch_size=10)
+    assert all(torch.isfinite(v) for v in metrics.values())
+    for key, value in llc.state_dict().items():
+        assert torch.equal(value, llc_before[key]), key
+    assert all(p.grad is None for p in llc.parameters())
+    assert not torch.equal(agent.state_dict()["actor_mean.0.weight"], agent_before["actor_mean.0.weight"])
+    assert not torch.equal(agent.state_dict()["critic.0.weight"], agent_before["critic.0.weight"])
+    assert torch.equal(agent.actor_logstd, agent_before["actor_logstd"])  # fixed log-std (ASE)
+    assert agent.value_normalizer.count > 1.0
+
+
+# ------------------------------------------------------------------ networks and normalisers
+def test_running_mean_std_merges_batches_like_the_whole_data():
+    generator = torch.Generator().manual_seed(1)
+    data = 3.0 + 2.0 * torch.randn(300, 4, generator=generator, dtype=torch.float64)
+    rms = hrl.RunningMeanStd((4,), epsilon=0.0)
+    rms.count.zero_()
+    for chunk in data.split([100, 7, 193]):
+        rms.update(chunk)
+    assert torch.allclose(rms.mean, data.mean(0), atol=1e-12)
+    assert torch.allclose(rms.var, data.var(0, unbiased=False), atol=1e-10)
+    assert float(rms.count) == 300.0
+
+
+def test_agent_mean_is_tanh_bounded_and_log_std_fixed_unless_learned():
+    agent = hrl.Agent(5, 3, hidden_sizes=(8,))
+    obs = 100.0 * torch.randn(7, 5)
+    action, logprob, entropy, value, mean = agent.get_action_and_value(obs)
+    assert mean.abs().max() <= 1.0 and action.shape == (7, 3) and value.shape == (7,)
+    assert not agent.actor_logstd.requires_grad and torch.allclose(agent.actor_logstd, torch.full((1, 3), -2.3))
+    assert hrl.Agent(5, 3, hidden_sizes=(8,), learned_log_std=True).actor_logstd.requires_grad
+    assert hrl.bounds_loss(torch.tensor([[1.5, -2.0, 0.3]])).item() == pytest.approx(0.25 + 1.0)
+
+
+def test_episode_stats_sum_finished_episodes_only():
+    stats = hrl.EpisodeStats(2, "cpu")
+    make = lambda rew, steps, done: hrl.HighLevelStep(None, None, None, torch.tensor(rew), torch.tensor(steps),
+                                                      torch.tensor(done), None)
+    stats.update(make([1.0, 2.0], [5.0, 5.0], [False, False]))
+    stats.update(make([3.0, 4.0], [5.0, 2.0], [False, True]))
+    stats.update(make([5.0, 6.0], [5.0, 5.0], [True, False]))
+    assert stats.take().tolist() == [9.0 + 6.0, 15.0 + 7.0, 2.0]
+    assert stats.take().tolist() == [0.0, 0.0, 0.0]
+    assert stats.running_return.tolist() == [0.0, 6.0]
+
+
+# ------------------------------------------------------------------ Isaac Gym adapter
+class ScriptedVecTask:
+    """IsaacGymEnvs-style returns: (obs_dict, reward, reset_buf, extras with time_outs)."""
+
+    def __init__(self, resets, time_outs):
+        self.resets, self.time_outs, self.t = resets, time_outs, 0
+        self.num_envs, self.num_obs, self.num_actions, self.rl_device = 3, 4, 2, "cpu"
+
+    def reset(self):
+        return {"obs": torch.zeros(3, 4)}
+
+    def step(self, actions):
+        reset, time_out = torch.tensor(self.resets[self.t]), torch.tensor(self.time_outs[self.t])
+        self.t += 1
+        return {"obs": torch.full((3, 4), float(self.t))}, torch.ones(3), reset.long(), {"time_outs": time_out}
+
+
+def test_isaacgym_adapter_maps_reset_buf_and_time_outs_onto_the_contract():
+    env = hrl.IsaacGymEnv(ScriptedVecTask(resets=[[1, 1, 0], [0, 0, 1], [0, 0, 0]],
+                                          time_outs=[[True, False, False], [False, False, False], [False, False, False]]))
+    assert env.get_task_obs_size() == 0  # IsaacGymEnvs tasks have no task tail
+    env.reset()
+    _, _, done, extras = env.step(torch.zeros(3, 2))
+    assert done.tolist() == [True, True, False]
+    assert extras["time_outs"].tolist() == [True, False, False]
+    assert extras["terminate"].tolist() == [False, True, False]  # reset and not a timeout
+    _, _, done, extras = env.step(torch.zeros(3, 2))
+    assert done.tolist() == [True, True, True]  # sticky until reset_done()
+    assert extras["terminate"].tolist() == [False, True, True]
+    env.reset_done()
+    _, _, done, extras = env.step(torch.zeros(3, 2))
+    assert done.tolist() == [False, False, False] and not extras["terminate"].any()
+
+
+# ------------------------------------------------------------------ flags and checkpoints
+@pytest.mark.parametrize("argv, message", [
+    (["--resume", "a.pt", "--eval-checkpoint", "b.pt"], "exclude each other"),
+    (["--llc-checkpoint", "none", "--llc-steps", "5"], "--llc-steps must be 1, got 5"),
+    (["--llc-checkpoint", "none", "--style-reward-weight", "0.1"], "needs an LLC with a discriminator"),
+    (["--env-backend", "isaacgym", "--capture-video"], "--capture-video is supported with --env-backend mjwarp only"),
+    (["--env-factory", "mod:fn"], "--env-factory mod:fn is for --env-backend isaacgym"),
+    (["--env-backend", "isaacgym"], "must be given on the command line"),
+    (["--llc-steps", "0"], "--llc-steps must be >= 1, got 0"),
+    (["--style-reward-weight", "1.5"], "must lie in \\[0, 1\\], got 1.5"),
+    (["--eval-checkpoint", "/nonexistent/ckpt.pt"], "checkpoint /nonexistent/ckpt.pt does not exist"),
+])
+def test_conflicting_flags_fail_before_anything_is_built(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        hrl.parse_args(argv)
+
+
+def test_derived_values():
+    derived = hrl.derive(hrl.parse_args(["--no-cuda", "--num-envs", "8", "--total-timesteps", "5000"]))
+    assert derived.llc_steps == 5 and not derived.flat and derived.llc_path.endswith(os.path.join("checkpoints", "llc_ant.pt"))
+    assert derived.batch_size == 8 * 32 and derived.minibatch_size == 32
+    assert derived.sim_steps_per_iteration == 8 * 32 * 5 and derived.num_iterations == 3  # 5000 // 1280
+    flat = hrl.derive(hrl.parse_args(["--no-cuda", "--llc-checkpoint", "none"]))
+    assert flat.flat and flat.llc_steps == 1 and flat.llc_path is None and flat.num_envs == 64
+    with pytest.raises(SystemExit, match="not divisible by --num-minibatches 7"):
+        hrl.derive(hrl.parse_args(["--no-cuda", "--num-envs", "4", "--num-minibatches", "7"]))
+
+
+def test_checkpoint_round_trip_is_weights_only_and_restores_rng(tmp_path):
+    agent = hrl.Agent(5, 3, hidden_sizes=(8,))
+    agent.obs_normalizer.update(torch.randn(10, 5))
+    optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad])
+    args = hrl.Args(num_envs=4, llc_steps=5, total_timesteps=1000)
+    path = str(tmp_path / "checkpoint.pt")
+    torch.manual_seed(3)
+    hrl.save_checkpoint(path, agent, optimizer, args, "run", global_step=640, iteration=2)
+    expected_draw = torch.rand(3)
+    assert not os.path.exists(path + ".tmp")
+    checkpoint = hrl.load_checkpoint(path)  # torch.load(weights_only=True)
+    assert checkpoint["global_step"] == 640 and checkpoint["iteration"] == 2 and checkpoint["run_name"] == "run"
+    restored = hrl.Agent(5, 3, hidden_sizes=(8,))
+    restored.load_state_dict(checkpoint["agent"])
+    assert torch.equal(restored.obs_normalizer.mean, agent.obs_normalizer.mean)
+    assert hrl.args_from_checkpoint(checkpoint) == args
+    hrl.set_rng_states(checkpoint["rng"])
+    assert torch.equal(torch.rand(3), expected_draw)
+
+
+def test_a_file_from_elsewhere_is_rejected(tmp_path):
+    path = str(tmp_path / "other.pt")
+    torch.save({"model": {}}, path)
+    with pytest.raises(SystemExit, match="not a checkpoint written by hrl_ppo_continuous.py"):
+        hrl.load_checkpoint(path)
