@@ -122,7 +122,11 @@ class SimViews:
 
 
 def check_device(device):
-    device = torch.device(device)
+    """torch.device for "cpu" or "cuda[:i]"; ValueError naming the bad value otherwise."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device {device!r} is not valid; expected 'cpu' or 'cuda:<index>'") from error
     if device.type == "cpu":
         return torch.device("cpu")
     if device.type != "cuda":
@@ -193,8 +197,8 @@ class BatchedEnv:
 
         # per-world episode buffers (sticky until reset_done)
         n, dev = self.num_envs, self.device
-        self.generator = torch.Generator(device=dev)
-        self.generator.manual_seed(seed)
+        self.generator = torch.Generator(device=dev)  # every random draw of the env and task
+        self.seed(seed)
         self.progress = torch.zeros(n, dtype=torch.int64, device=dev)  # control steps since reset
         self.done_buf = torch.zeros(n, dtype=torch.bool, device=dev)
         self.terminate_buf = torch.zeros(n, dtype=torch.bool, device=dev)
@@ -262,7 +266,7 @@ class BatchedEnv:
         root["control_dt"] = self.control_dt
         return root
 
-    def _compute_obs(self):
+    def compute_obs(self):
         robot_obs = self.robot.compute_obs(self.sim)
         task_obs = self.task.observe(self.task_state, self._task_root())
         return {"obs": torch.cat([robot_obs, task_obs], dim=-1)}
@@ -281,18 +285,22 @@ class BatchedEnv:
         self.prev_root_pos.copy_(torch.where(mask, self.sim.qpos[:, 0:3], self.prev_root_pos))
         self.task.reset(self.task_state, self._task_root(), reset_mask, self.generator)
 
+    def seed(self, seed):
+        """Reseed the env's random generator (initial states, task targets)."""
+        self.generator.manual_seed(seed)
+
     def reset(self):
         """Reset every world; returns {"obs": [N, num_obs]}."""
         self.reset_worlds(torch.ones(self.num_envs, dtype=torch.bool, device=self.device))
         self.forward()
-        return self._compute_obs()
+        return self.compute_obs()
 
     def reset_done(self):
         """Reset only the worlds that finished since their last reset; returns the obs of all worlds."""
         self.reset_worlds(self.done_buf.clone())
         if self.robot.NEEDS_FORWARD_AFTER_RESET:
             self.forward()
-        return self._compute_obs()
+        return self.compute_obs()
 
     def step(self, actions):
         actions = torch.clamp(actions.to(self.device, torch.float32), -1.0, 1.0)
@@ -321,7 +329,7 @@ class BatchedEnv:
         self.timeout_buf &= ~nonfinite
         self.done_buf |= nonfinite
 
-        obs_dict = self._compute_obs()
+        obs_dict = self.compute_obs()
         obs = obs_dict["obs"]
         obs_dict["obs"] = torch.where(nonfinite[:, None], torch.nan_to_num(obs, 0.0, 0.0, 0.0), obs)
         extras = {"terminate": self.terminate_buf.clone(), "time_outs": self.timeout_buf.clone(),
