@@ -1,0 +1,486 @@
+"""Tests for llc.py: ASE / rl_games checkpoints, the native format, freezing, errors, the CLI.
+
+The ASE checkpoints are synthetic: random tensors under the exact rl_games key layout, and every
+action is compared against a re-computation from the raw tensors written here, not through llc.py.
+"""
+
+import math
+import os
+import pathlib
+import subprocess
+import sys
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from llc import LLCCheckpointError, LowLevelController, build_llc, load_llc, save_llc  # noqa: E402
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SMALL = dict(obs_dim=12, latent_dim=8, action_dim=5, amp_obs_dim=10, units=(32, 32, 16), style_units=(16, 8),
+             style_dim=6, disc_units=(24, 12))
+FULL_SWORD = dict(obs_dim=253, latent_dim=64, action_dim=31, amp_obs_dim=1400, units=(1024, 1024, 512),
+                  style_units=(512, 256), style_dim=64, disc_units=(1024, 1024, 512))
+FULL_AMP_HUMANOID = dict(FULL_SWORD, obs_dim=223, action_dim=28, amp_obs_dim=1250)
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic ASE checkpoints in the rl_games key layout (ase-facts section 4)
+# ---------------------------------------------------------------------------------------------
+def linear(gen, prefix, in_size, out_size, scale=1.0):
+    weight = torch.randn(out_size, in_size, generator=gen) * (scale / math.sqrt(in_size))
+    bias = torch.randn(out_size, generator=gen) * 0.1
+    return {f"{prefix}.weight": weight, f"{prefix}.bias": bias}
+
+
+def mlp(gen, prefix, in_size, units):
+    """rl_games/ASE Sequential(Linear, ReLU, Linear, ReLU, ...): Linear layers at indices 0, 2, 4."""
+    params = {}
+    for i, units_i in enumerate(units):
+        params.update(linear(gen, f"{prefix}.{2 * i}", in_size, units_i))
+        in_size = units_i
+    return params
+
+
+def normalizer(gen, size, count=123456.0):
+    return OrderedDict(running_mean=torch.randn(size, generator=gen, dtype=torch.float64),
+                       running_var=torch.rand(size, generator=gen, dtype=torch.float64) + 0.05,
+                       count=torch.tensor(count, dtype=torch.float64))
+
+
+def ase_llc_checkpoint(obs_dim, latent_dim, action_dim, amp_obs_dim, units, style_units, style_dim, disc_units,
+                       layout="1.1", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    model = OrderedDict()
+    model["a2c_network.sigma"] = torch.full((action_dim,), -2.9)
+    model.update(mlp(gen, "a2c_network.actor_mlp._style_mlp", latent_dim, style_units))
+    model.update(linear(gen, "a2c_network.actor_mlp._style_dense", style_units[-1], style_dim))
+    in_size = obs_dim + style_dim
+    for i, units_i in enumerate(units):
+        model.update(linear(gen, f"a2c_network.actor_mlp._dense_layers.{i}", in_size, units_i, scale=2.0))
+        in_size = units_i
+    model.update(mlp(gen, "a2c_network.critic_mlp._mlp", obs_dim + latent_dim, units))
+    model.update(linear(gen, "a2c_network.value", units[-1], 1))
+    model.update(linear(gen, "a2c_network.mu", units[-1], action_dim, scale=2.0))
+    disc = mlp(gen, "a2c_network._disc_mlp", amp_obs_dim, disc_units)
+    model.update(disc)
+    model.update(linear(gen, "a2c_network._disc_logits", disc_units[-1], 1))
+    model.update(linear(gen, "a2c_network._enc", disc_units[-1], latent_dim))
+    # the encoder trunk is the discriminator trunk: state_dict lists the same tensors twice
+    model.update({key.replace("_disc_mlp", "_enc_mlp"): value for key, value in disc.items()})
+    checkpoint = {"epoch": 25000, "frame": 1638400000, "last_mean_rewards": -100500,
+                  "optimizer": {"state": {}, "param_groups": [{"lr": 2e-5, "params": [0, 1]}]},
+                  "env_state": None, "amp_input_mean_std": normalizer(gen, amp_obs_dim)}
+    obs_norm, value_norm = normalizer(gen, obs_dim), normalizer(gen, 1)
+    if layout == "1.1":
+        checkpoint["running_mean_std"] = obs_norm
+        checkpoint["reward_mean_std"] = value_norm
+    else:  # rl_games >= 1.3: the normalisers are sub-modules of the model
+        model.update({f"running_mean_std.{k}": v for k, v in obs_norm.items()})
+        model.update({f"value_mean_std.{k}": v for k, v in value_norm.items()})
+    checkpoint["model"] = model
+    return checkpoint
+
+
+def obs_stats(checkpoint):
+    if "running_mean_std" in checkpoint:
+        return checkpoint["running_mean_std"]
+    return {k: checkpoint["model"][f"running_mean_std.{k}"] for k in ("running_mean", "running_var", "count")}
+
+
+# Independent re-computations from the raw tensors
+def normalise(x, stats):
+    mean, var = stats["running_mean"].float(), stats["running_var"].float()
+    return torch.clamp((x - mean) / torch.sqrt(var + 1e-5), -5.0, 5.0)
+
+
+def dense(x, model, prefix):
+    return x @ model[f"{prefix}.weight"].T + model[f"{prefix}.bias"]
+
+
+def reference_act(checkpoint, obs, z, n_style=2, n_dense=3):
+    model = checkpoint["model"]
+    x = normalise(obs, obs_stats(checkpoint))
+    s = z / torch.sqrt((z * z).sum(dim=-1, keepdim=True))
+    for i in range(n_style):
+        s = torch.relu(dense(s, model, f"a2c_network.actor_mlp._style_mlp.{2 * i}"))
+    style = torch.tanh(dense(s, model, "a2c_network.actor_mlp._style_dense"))
+    h = torch.cat([x, style], dim=1)
+    for i in range(n_dense):
+        h = torch.relu(dense(h, model, f"a2c_network.actor_mlp._dense_layers.{i}"))
+    return torch.clamp(dense(h, model, "a2c_network.mu"), -1.0, 1.0)
+
+
+def reference_style_reward(checkpoint, amp_obs, n_layers=2):
+    model = checkpoint["model"]
+    h = normalise(amp_obs, checkpoint["amp_input_mean_std"])
+    for i in range(n_layers):
+        h = torch.relu(dense(h, model, f"a2c_network._disc_mlp.{2 * i}"))
+    logit = dense(h, model, "a2c_network._disc_logits")[:, 0]
+    prob = 1.0 / (1.0 + torch.exp(-logit))
+    return -torch.log(torch.maximum(1.0 - prob, torch.tensor(1e-4))) * 2.0
+
+
+def inputs(gen, n, obs_dim, latent_dim, scale=3.0):
+    return torch.randn(n, obs_dim, generator=gen) * scale, torch.randn(n, latent_dim, generator=gen)
+
+
+def save_ase(tmp_path, name, **kwargs):
+    checkpoint = ase_llc_checkpoint(**{**SMALL, **kwargs})
+    path = tmp_path / name
+    torch.save(checkpoint, path)
+    return path, checkpoint
+
+
+# ---------------------------------------------------------------------------------------------
+# ASE / rl_games format
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["1.1", "1.3"])
+def test_ase_llc_matches_reference(tmp_path, layout):
+    path, checkpoint = save_ase(tmp_path, f"ase_llc_{layout}.pth", layout=layout)
+    llc = load_llc(path)
+    assert (llc.obs_dim, llc.latent_dim, llc.action_dim) == (12, 8, 5)
+    assert llc.source_format == "rl_games" and llc.has_discriminator
+    assert llc.arch["style_dim"] == 6 and llc.arch["style_hidden"] == [16, 8] and llc.arch["hidden"] == [32, 32, 16]
+    assert llc.metadata["rl_games_layout"] == ("rl_games 1.1" if layout == "1.1" else "rl_games >= 1.3")
+    obs, z = inputs(torch.Generator().manual_seed(1), 64, 12, 8)
+    actions = llc.act(obs, z)
+    expected = reference_act(checkpoint, obs, z)
+    assert actions.shape == (64, 5) and actions.dtype == torch.float32
+    torch.testing.assert_close(actions, expected, atol=1e-6, rtol=0)
+    # the inputs reach both the clamps and the interior, so all branches are compared
+    assert (actions.abs() == 1.0).any() and (actions.abs() < 0.9).any()
+    assert (normalise(obs, obs_stats(checkpoint)).abs() == 5.0).any()
+
+
+def test_act_scales_z_onto_unit_sphere_and_survives_zero_z(tmp_path):
+    path, _ = save_ase(tmp_path, "ase_llc.pth")
+    llc = load_llc(path)
+    obs, z = inputs(torch.Generator().manual_seed(2), 8, 12, 8)
+    torch.testing.assert_close(llc.act(obs, z), llc.act(obs, 7.5 * z), atol=1e-5, rtol=0)  # float rounding only
+    zero_z_actions = llc.act(obs, torch.zeros(8, 8))
+    assert torch.isfinite(zero_z_actions).all()
+
+
+def test_act_under_inference_mode(tmp_path):
+    path, checkpoint = save_ase(tmp_path, "ase_llc.pth")
+    obs, z = inputs(torch.Generator().manual_seed(3), 16, 12, 8)
+    with torch.inference_mode():
+        llc = load_llc(path)
+        actions = llc.act(obs, z)
+        reward = llc.style_reward(torch.randn(16, 10))
+    torch.testing.assert_close(actions, reference_act(checkpoint, obs, z), atol=1e-6, rtol=0)
+    assert reward.shape == (16,)
+
+
+def test_style_reward_matches_hand_computation(tmp_path):
+    path, checkpoint = save_ase(tmp_path, "ase_llc.pth")
+    llc = load_llc(path)
+    amp_obs = torch.randn(32, 10, generator=torch.Generator().manual_seed(4)) * 2
+    torch.testing.assert_close(llc.style_reward(amp_obs), reference_style_reward(checkpoint, amp_obs),
+                               atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(llc.style_reward(amp_obs, scale=1.0), reference_style_reward(checkpoint, amp_obs) / 2,
+                               atol=1e-5, rtol=1e-6)
+
+    # a discriminator certain the motion is real: 1 - D is floored at 1e-4
+    checkpoint["model"]["a2c_network._disc_logits.bias"] = torch.tensor([40.0])
+    torch.save(checkpoint, tmp_path / "confident.pth")
+    confident = load_llc(tmp_path / "confident.pth").style_reward(amp_obs)
+    torch.testing.assert_close(confident, torch.full((32,), -math.log(1e-4) * 2.0))
+
+
+def test_checkpoint_without_discriminator(tmp_path):
+    checkpoint = ase_llc_checkpoint(**SMALL)
+    for key in [k for k in checkpoint["model"] if "_disc" in k or "_enc" in k]:
+        del checkpoint["model"][key]
+    del checkpoint["amp_input_mean_std"]
+    torch.save(checkpoint, tmp_path / "no_disc.pth")
+    llc = load_llc(tmp_path / "no_disc.pth")
+    assert not llc.has_discriminator
+    with pytest.raises(LLCCheckpointError, match="no discriminator"):
+        llc.style_reward(torch.zeros(2, 10))
+
+
+@pytest.mark.parametrize("sizes,layout", [(FULL_SWORD, "1.1"), (FULL_AMP_HUMANOID, "1.3")])
+def test_ase_full_size_llc(tmp_path, sizes, layout):
+    checkpoint = ase_llc_checkpoint(**sizes, layout=layout)
+    path = tmp_path / "ase_full.pth"
+    torch.save(checkpoint, path)
+    llc = load_llc(path)
+    assert (llc.obs_dim, llc.latent_dim, llc.action_dim) == (sizes["obs_dim"], 64, sizes["action_dim"])
+    assert llc.discriminator_config["amp_obs_dim"] == sizes["amp_obs_dim"]
+    obs, z = inputs(torch.Generator().manual_seed(5), 4, sizes["obs_dim"], 64)
+    # 1024-wide float32 layers: the two summation orders differ by ~1e-5
+    torch.testing.assert_close(llc.act(obs, z), reference_act(checkpoint, obs, z), atol=1e-4, rtol=0)
+    assert llc.style_reward(torch.randn(4, sizes["amp_obs_dim"])).shape == (4,)
+    llc.check_env(sizes["obs_dim"] + 5, 5)  # e.g. the heading task's 5 entries appended
+
+
+def test_ase_config_latent_cross_check(tmp_path):
+    path, _ = save_ase(tmp_path, "ase_llc.pth")
+    good = tmp_path / "ase_humanoid_hrl.yaml"
+    good.write_text("params:\n  network:\n    mlp:\n      units: [32, 32, 16]\n      activation: relu\n"
+                    "  config:\n    name: Humanoid\n    latent_dim: 8\n")
+    assert load_llc(path, ase_config=good).latent_dim == 8
+
+    bad = tmp_path / "wrong_latent.yaml"
+    bad.write_text("params:\n  config:\n    latent_dim: 16\n")
+    with pytest.raises(LLCCheckpointError) as error:
+        load_llc(path, ase_config=bad)
+    for fact in ("ase_llc.pth", "wrong_latent.yaml", "16", "8"):
+        assert fact in str(error.value)
+
+    no_latent = tmp_path / "no_latent.yaml"
+    no_latent.write_text("params:\n  config:\n    gamma: 0.99\n")
+    with pytest.raises(LLCCheckpointError, match=r"no_latent\.yaml.*latent_dim.*gamma"):
+        load_llc(path, ase_config=no_latent)
+
+
+# ---------------------------------------------------------------------------------------------
+# Frozen: the high-level optimiser never touches the LLC
+# ---------------------------------------------------------------------------------------------
+def test_llc_stays_frozen_through_high_level_update(tmp_path):
+    path, _ = save_ase(tmp_path, "ase_llc.pth")
+    llc = load_llc(path)
+    assert not llc.training
+    assert all(not p.requires_grad for p in llc.parameters())
+    before = {k: v.clone() for k, v in llc.state_dict().items()}
+
+    gen = torch.Generator().manual_seed(6)
+    high_level = torch.nn.Linear(12, 8)
+    hl_before = high_level.weight.detach().clone()
+    optimizer = torch.optim.Adam(high_level.parameters(), lr=1e-2)
+    obs = torch.randn(32, 12, generator=gen)
+    target = torch.rand(32, 5, generator=gen) * 2 - 1
+    for _ in range(3):
+        actions = llc.act(obs, high_level(obs))
+        loss = F.mse_loss(actions, target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    assert not torch.equal(high_level.weight, hl_before), "the gradient must reach the high-level policy"
+    for key, value in llc.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert all(p.grad is None for p in llc.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Native format
+# ---------------------------------------------------------------------------------------------
+METADATA = {"robot": "ant", "control_dt": 0.05, "pd": {"kp": [40.0] * 8, "kd": [4.0] * 8, "action_scale": 0.5},
+            "command": "python llc_pretrain.py --robot ant --seed 3", "seed": 3, "steps": 1000, "wall_time_s": 12.5,
+            "hardware": "2-core CPU", "tags": ("a", "b"), "note": None}
+
+
+def trained_llc(arch, **kwargs):
+    torch.manual_seed(7)
+    model = build_llc(12, 8, 5, arch=arch, hidden=(32, 16), style_hidden=(16, 8), style_dim=6, **kwargs)
+    gen = torch.Generator().manual_seed(8)
+    for _ in range(3):
+        model.obs_normalizer.update(torch.randn(50, 12, generator=gen) * 2 + 1)
+    if model.amp_normalizer is not None:
+        model.amp_normalizer.update(torch.randn(50, 10, generator=gen))
+    return model
+
+
+@pytest.mark.parametrize("arch,disc", [("style_cat", True), ("mlp", False), ("mlp", True)])
+def test_native_round_trip_is_bit_exact(tmp_path, arch, disc):
+    model = trained_llc(arch, amp_obs_dim=10 if disc else None, disc_hidden=(16, 8))
+    path = tmp_path / "llc.pt"
+    save_llc(path, model, METADATA)
+    assert os.listdir(tmp_path) == ["llc.pt"], "the temporary file must be renamed, not left behind"
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == "hrl-llc" and raw["version"] == 1 and raw["arch"]["name"] == arch
+
+    loaded = load_llc(path)
+    assert loaded.source_format == "native" and loaded.has_discriminator == disc
+    assert loaded.metadata == METADATA
+    assert all(not p.requires_grad for p in loaded.parameters()) and not loaded.training
+    original_state, loaded_state = model.state_dict(), loaded.state_dict()
+    assert original_state.keys() == loaded_state.keys()
+    for key, value in original_state.items():
+        assert loaded_state[key].dtype == value.dtype and torch.equal(loaded_state[key], value), key
+    assert loaded.obs_normalizer.running_mean.dtype == torch.float64
+
+    obs, z = inputs(torch.Generator().manual_seed(9), 16, 12, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded.act(obs, z), model.act(obs, z))
+        if disc:
+            amp_obs = torch.randn(16, 10)
+            assert torch.equal(loaded.style_reward(amp_obs), model.style_reward(amp_obs))
+
+
+def test_ase_checkpoint_converts_to_native(tmp_path):
+    path, checkpoint = save_ase(tmp_path, "ase_llc.pth", layout="1.3")
+    llc = load_llc(path)
+    save_llc(tmp_path / "converted.pt", llc, {"source": str(path), **llc.metadata})
+    converted = load_llc(tmp_path / "converted.pt")
+    obs, z = inputs(torch.Generator().manual_seed(10), 16, 12, 8)
+    assert torch.equal(converted.act(obs, z), llc.act(obs, z))
+    amp_obs = torch.randn(16, 10)
+    assert torch.equal(converted.style_reward(amp_obs), llc.style_reward(amp_obs))
+
+
+def test_build_llc_is_trainable():
+    model = build_llc(12, 8, 5, arch="style_cat", hidden=(32, 16), style_hidden=(16, 8), style_dim=6)
+    assert isinstance(model, LowLevelController) and model.training
+    norm_obs = model.normalize_obs(torch.randn(4, 12))
+    z_unit = F.normalize(torch.randn(4, 8), dim=-1)
+    model.mean_action(norm_obs, z_unit).pow(2).sum().backward()
+    assert all(p.grad is not None for p in model.actor.parameters())
+    with pytest.raises(ValueError, match="arch 'transformer'.*style_cat"):
+        build_llc(12, 8, 5, arch="transformer")
+
+
+def test_normalizer_update_merges_batches_like_one_batch():
+    gen = torch.Generator().manual_seed(11)
+    data = torch.randn(300, 12, generator=gen, dtype=torch.float64) * 3 + 2
+    in_parts = build_llc(12, 8, 5, arch="mlp", hidden=(8,)).obs_normalizer
+    for part in data.split([100, 150, 50]):
+        in_parts.update(part.float())
+    at_once = build_llc(12, 8, 5, arch="mlp", hidden=(8,)).obs_normalizer
+    at_once.update(data.float())
+    # rl_games starts from mean 0, var 1, count 1
+    assert float(in_parts.count) == float(at_once.count) == 301.0
+    torch.testing.assert_close(in_parts.running_mean, at_once.running_mean, atol=1e-12, rtol=0)
+    # one batch merged into the prior (mean 0, var 1, count 1), with the unbiased batch variance rl_games uses
+    floats, n = data.float().double(), 300
+    batch_mean, batch_var = floats.mean(0), floats.var(0, unbiased=True)
+    expected_mean = batch_mean * n / (n + 1)
+    expected_var = (1.0 + batch_var * n + batch_mean**2 * n / (n + 1)) / (n + 1)
+    torch.testing.assert_close(at_once.running_mean, expected_mean, atol=1e-12, rtol=0)
+    torch.testing.assert_close(at_once.running_var, expected_var, atol=1e-12, rtol=0)
+    # merging in parts differs only by the per-batch variance correction
+    torch.testing.assert_close(in_parts.running_var, at_once.running_var, atol=0.05, rtol=0.02)
+
+
+def test_save_rejects_non_plain_metadata(tmp_path):
+    model = trained_llc("mlp")
+    with pytest.raises(ValueError, match=r"metadata\['pd'\]\['kp'\].*Tensor"):
+        save_llc(tmp_path / "llc.pt", model, {"pd": {"kp": torch.ones(3)}})
+    assert not (tmp_path / "llc.pt").exists()
+
+
+def test_native_newer_version_is_refused(tmp_path):
+    path = tmp_path / "future.pt"
+    save_llc(path, trained_llc("mlp"), {})
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["version"] = 99
+    torch.save(checkpoint, path)
+    with pytest.raises(LLCCheckpointError, match=r"future\.pt.*version 99"):
+        load_llc(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+def test_missing_file(tmp_path):
+    with pytest.raises(LLCCheckpointError, match=r"nope\.pth: no such file"):
+        load_llc(tmp_path / "nope.pth")
+
+
+def test_truncated_and_random_files(tmp_path):
+    path, _ = save_ase(tmp_path, "ase_llc.pth")
+    data = path.read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(LLCCheckpointError, match=r"truncated\.pth: not a readable torch checkpoint"):
+        load_llc(tmp_path / "truncated.pth")
+    (tmp_path / "random.pth").write_bytes(os.urandom(4096))
+    with pytest.raises(LLCCheckpointError, match=r"random\.pth: not a .*torch checkpoint"):
+        load_llc(tmp_path / "random.pth")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(LLCCheckpointError, match=r"empty\.pth"):
+        load_llc(tmp_path / "empty.pth")
+
+
+class Trap:
+    """Unpickling this would create a file: weights_only loading must refuse it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_arbitrary_pickled_objects_are_never_unpickled(tmp_path):
+    checkpoint = ase_llc_checkpoint(**SMALL)
+    marker = tmp_path / "unpickled"
+    checkpoint["extra"] = Trap(str(marker))
+    torch.save(checkpoint, tmp_path / "trap.pth")
+    with pytest.raises(LLCCheckpointError, match=r"trap\.pth: holds pickled Python objects"):
+        load_llc(tmp_path / "trap.pth")
+    assert not marker.exists()
+
+
+def test_unknown_layouts_name_the_keys(tmp_path):
+    high_level = {"model": {"a2c_network.sigma": torch.zeros(8), "a2c_network.actor_mlp.0.weight": torch.zeros(4, 3),
+                            "a2c_network.mu.weight": torch.zeros(8, 4)}, "epoch": 3}
+    torch.save(high_level, tmp_path / "hlc.pth")
+    with pytest.raises(LLCCheckpointError) as error:
+        load_llc(tmp_path / "hlc.pth")
+    message = str(error.value)
+    for fact in ("hlc.pth", "unknown checkpoint layout", "'epoch'", "a2c_network.actor_mlp.0.weight",
+                 "rl_games 1.1", "rl_games >= 1.3", "native", "high-level policy"):
+        assert fact in message, fact
+
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(LLCCheckpointError, match=r"other\.pth: unknown checkpoint layout.*'weights'.*Layouts tried"):
+        load_llc(tmp_path / "other.pth")
+
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    with pytest.raises(LLCCheckpointError, match=r"tensor\.pth: holds a Tensor"):
+        load_llc(tmp_path / "tensor.pth")
+
+
+def test_inconsistent_ase_checkpoints(tmp_path):
+    checkpoint = ase_llc_checkpoint(**SMALL)
+    checkpoint["running_mean_std"] = normalizer(torch.Generator().manual_seed(0), 15)
+    torch.save(checkpoint, tmp_path / "bad_norm.pth")
+    with pytest.raises(LLCCheckpointError, match=r"bad_norm\.pth: the observation normaliser has size 15 .* 12"):
+        load_llc(tmp_path / "bad_norm.pth")
+
+    del checkpoint["running_mean_std"]
+    torch.save(checkpoint, tmp_path / "no_norm.pth")
+    with pytest.raises(LLCCheckpointError, match=r"no_norm\.pth: no observation normaliser"):
+        load_llc(tmp_path / "no_norm.pth")
+
+
+def test_check_env_names_both_sizes(tmp_path):
+    path, _ = save_ase(tmp_path, "ase_llc.pth")
+    llc = load_llc(path)
+    llc.check_env(17, 5)  # 12 proprioceptive + 5 task entries
+    llc.check_env(12, 0)
+    with pytest.raises(LLCCheckpointError) as error:
+        llc.check_env(20, 5)
+    for fact in ("ase_llc.pth", "12", "20", "5", "15"):
+        assert fact in str(error.value)
+    with pytest.raises(LLCCheckpointError, match=r"size 12.*gives 12.*last 3.*FULL.*task observation"):
+        llc.check_env(12, 3)
+    with pytest.raises(LLCCheckpointError, match=r"^my_llc\.pth"):
+        llc.check_env(30, 2, path="my_llc.pth")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+def test_cli_prints_dims(tmp_path):
+    ase_path, _ = save_ase(tmp_path, "ase_llc.pth")
+    native_path = tmp_path / "native.pt"
+    save_llc(native_path, trained_llc("mlp"), METADATA)
+    # one process for all three files: importing torch dominates the run time
+    paths = [str(ase_path), str(native_path), str(tmp_path / "missing.pth")]
+    result = subprocess.run([sys.executable, "llc.py", *paths], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1, "a file that cannot be read must fail the command"
+    assert "missing.pth: no such file" in result.stderr
+    ase_part, native_part = result.stdout.split("\n\n")
+    for line in ("format:        rl_games", "obs_dim:       12", "latent_dim:    8", "action_dim:    5",
+                 "architecture:  style_cat", "discriminator: yes", "rl_games_layout: rl_games 1.1", "epoch: 25000"):
+        assert line in ase_part, line
+    for line in ("format:        native", "obs_dim:       12", "architecture:  mlp", "robot: ant", "seed: 3",
+                 "discriminator: no"):
+        assert line in native_part, line
