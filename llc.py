@@ -470,10 +470,14 @@ def read_ase_config(path, config_path):
     }
 
 
+ASE_REQUIRED = (f"{ASE_ACTOR}_style_mlp.0.weight", f"{ASE_ACTOR}_style_dense.weight",
+                f"{ASE_ACTOR}_dense_layers.0.weight", "a2c_network.mu.weight")
+
+
 def load_rl_games(path, checkpoint, ase_config=None):
     model_state = checkpoint["model"]
-    if not any(key.startswith(f"{ASE_ACTOR}_style_mlp.") for key in model_state) or \
-            f"{ASE_ACTOR}_dense_layers.0.weight" not in model_state or "a2c_network.mu.weight" not in model_state:
+    missing = [key for key in ASE_REQUIRED if key not in model_state]
+    if len(missing) == len(ASE_REQUIRED) or f"{ASE_ACTOR}_style_mlp.0.weight" in missing:
         hint = ""
         if f"{ASE_ACTOR}0.weight" in model_state:
             hint = (" The actor is a plain rl_games MLP ('a2c_network.actor_mlp.0.weight') with no latent input: "
@@ -482,6 +486,8 @@ def load_rl_games(path, checkpoint, ase_config=None):
             f"{path}: unknown checkpoint layout. Top-level keys: {sorted(map(str, checkpoint))}; 'model' keys: "
             f"{sorted(model_state)[:24]}{' ...' if len(model_state) > 24 else ''}. Layouts tried: {LAYOUTS_TRIED}."
             + hint)
+    if missing:
+        raise LLCCheckpointError(f"{path}: looks like an ASE LLC (has {ASE_REQUIRED[0]}) but 'model' lacks {missing}")
 
     style_layers = linear_chain(path, model_state, f"{ASE_ACTOR}_style_mlp.")
     dense_layers = linear_chain(path, model_state, f"{ASE_ACTOR}_dense_layers.")
@@ -559,6 +565,18 @@ def load_rl_games(path, checkpoint, ase_config=None):
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
+def numpy_scalar_globals():
+    """numpy scalars and dtypes for weights_only loading: rl_games >= 1.3 saves last_mean_rewards as a numpy
+    float. Allowing these rebuilds plain numbers and runs no code; every other global stays refused."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    dtype_classes = {type(np.dtype(code)) for code in ("b1", "i1", "i2", "i4", "i8", "u1", "f2", "f4", "f8")}
+    # files written under numpy 1.x name the scalar rebuilder numpy.core.multiarray.scalar
+    return [core.multiarray.scalar, (core.multiarray.scalar, "numpy.core.multiarray.scalar"), np.dtype,
+            *dtype_classes]
+
+
 def read_checkpoint(path):
     """torch.load with weights_only=True, turning every failure into an LLCCheckpointError."""
     if not os.path.exists(path):
@@ -566,7 +584,8 @@ def read_checkpoint(path):
     if os.path.isdir(path):
         raise LLCCheckpointError(f"{path}: is a directory, expected a checkpoint file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(numpy_scalar_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
         if refused:

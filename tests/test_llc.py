@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections import OrderedDict
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -77,7 +78,8 @@ def ase_llc_checkpoint(obs_dim, latent_dim, action_dim, amp_obs_dim, units, styl
     if layout == "1.1":
         checkpoint["running_mean_std"] = obs_norm
         checkpoint["reward_mean_std"] = value_norm
-    else:  # rl_games >= 1.3: the normalisers are sub-modules of the model
+    else:  # rl_games >= 1.3: the normalisers are sub-modules of the model; the best reward is a numpy float
+        checkpoint["last_mean_rewards"] = np.float32(251.3)
         model.update({f"running_mean_std.{k}": v for k, v in obs_norm.items()})
         model.update({f"value_mean_std.{k}": v for k, v in value_norm.items()})
     checkpoint["model"] = model
@@ -443,6 +445,13 @@ def test_inconsistent_ase_checkpoints(tmp_path):
     with pytest.raises(LLCCheckpointError, match=r"bad_norm\.pth: the observation normaliser has size 15 .* 12"):
         load_llc(tmp_path / "bad_norm.pth")
 
+    checkpoint["running_mean_std"] = normalizer(torch.Generator().manual_seed(0), 12)
+    mu = checkpoint["model"].pop("a2c_network.mu.weight")
+    torch.save(checkpoint, tmp_path / "no_mu.pth")
+    with pytest.raises(LLCCheckpointError, match=r"no_mu\.pth: looks like an ASE LLC .* lacks .*mu\.weight"):
+        load_llc(tmp_path / "no_mu.pth")
+
+    checkpoint["model"]["a2c_network.mu.weight"] = mu
     del checkpoint["running_mean_std"]
     torch.save(checkpoint, tmp_path / "no_norm.pth")
     with pytest.raises(LLCCheckpointError, match=r"no_norm\.pth: no observation normaliser"):
