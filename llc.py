@@ -35,6 +35,10 @@ NORM_EPSILON = 1e-5  # rl_games RunningMeanStd: (x - mean) / sqrt(var + 1e-5)
 NORM_CLIP = 5.0  # ... then clamped to [-5, 5]
 STYLE_REWARD_MIN_PROB = 1e-4  # ASE: -log(max(1 - D, 1e-4))
 
+LATENT_INPUT = {  # how z enters each architecture, written into native files for people reading them
+    "style_cat": "z / |z| -> style MLP -> Linear -> tanh = style; concat(normalised obs, style) -> MLP -> mu",
+    "mlp": "z / |z|; concat(normalised obs, unit z) -> MLP -> mu",
+}
 ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "selu": nn.SELU, "tanh": nn.Tanh, "silu": nn.SiLU, "gelu": nn.GELU}
 
 
@@ -339,7 +343,7 @@ def save_llc(path, model, metadata):
     checkpoint = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
-        "arch": dict(model.arch),
+        "arch": {**model.arch, "latent_input": LATENT_INPUT[model.arch["name"]]},
         "actor": cpu_state(model.actor),
         "obs_normalizer": cpu_state(model.obs_normalizer),
         "discriminator": None,

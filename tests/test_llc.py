@@ -296,6 +296,8 @@ def test_native_round_trip_is_bit_exact(tmp_path, arch, disc):
     assert os.listdir(tmp_path) == ["llc.pt"], "the temporary file must be renamed, not left behind"
     raw = torch.load(path, weights_only=True)
     assert raw["format"] == "hrl-llc" and raw["version"] == 1 and raw["arch"]["name"] == arch
+    assert raw["arch"]["hidden"] == [32, 16] and raw["arch"]["obs_dim"] == 12
+    assert "z / |z|" in raw["arch"]["latent_input"]
 
     loaded = load_llc(path)
     assert loaded.source_format == "native" and loaded.has_discriminator == disc
