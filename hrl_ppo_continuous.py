@@ -284,15 +284,19 @@ def make_env(args: Args, derived: Derived, num_envs: int, seed: int):
     return IsaacGymEnv(vec_task)
 
 
+def require_llc_file(derived: Derived):
+    if not derived.flat and not os.path.isfile(derived.llc_path):
+        raise SystemExit(f"error: no LLC checkpoint at {derived.llc_path}: train one with llc_pretrain.py, pass "
+                         f"--llc-checkpoint PATH, or --llc-checkpoint none for flat PPO")
+
+
 def load_frozen_llc(args: Args, derived: Derived, env):
     """The frozen LLC, checked against the env; None for the flat baseline."""
     if derived.flat:
         return None
     from llc import LLCCheckpointError, load_llc
 
-    if not os.path.isfile(derived.llc_path):
-        raise SystemExit(f"error: no LLC checkpoint at {derived.llc_path}: train one with llc_pretrain.py, pass "
-                         f"--llc-checkpoint PATH, or --llc-checkpoint none for flat PPO")
+    require_llc_file(derived)
     try:
         llc = load_llc(derived.llc_path, device=str(derived.device), ase_config=args.llc_config)
         llc.check_env(env.num_obs, env.get_task_obs_size(), path=derived.llc_path)
@@ -718,6 +722,7 @@ def request_stop(signum, frame):
 if __name__ == "__main__":
     args = parse_args()
     derived = derive(args)
+    require_llc_file(derived)  # fail before the simulator is built
 
     random.seed(args.seed)
     np.random.seed(args.seed)
