@@ -9,6 +9,11 @@ are imported lazily, so an unavailable robot does not break the others.
 """
 
 import importlib
+import os
+
+# Offscreen rendering (tasks/video.py) without a display: mujoco reads MUJOCO_GL when it is first
+# imported, so it is set here, before any robot module imports mujoco. Set it yourself to override.
+os.environ.setdefault("MUJOCO_GL", "egl")
 
 ROBOTS = ("ant", "humanoid")
 TASKS = ("heading", "location", "none")

@@ -234,6 +234,7 @@ class BatchedEnv:
             with wp.ScopedCapture() as capture:
                 self._forward_eager()
             self.forward_graph = capture.graph
+            wp.synchronize_device()  # the warm-up ran on Warp's stream; torch ops follow
         self.sim.overflow.zero_()
 
     def _launch(self, graph, eager_fn):
@@ -275,7 +276,7 @@ class BatchedEnv:
         """Reset the worlds where reset_mask [N] is True; the others stay bit-identical."""
         mask = reset_mask[:, None]
         self.robot.reset_state(self.sim, reset_mask, self.generator)
-        for buf in (self.sim.qacc_warmstart, self.sim.qacc, self.sim.ctrl):
+        for buf in (self.sim.qacc_warmstart, self.sim.qacc):
             buf.copy_(torch.where(mask, torch.zeros_like(buf), buf))
         self.sim.time.copy_(torch.where(reset_mask, torch.zeros_like(self.sim.time), self.sim.time))
         self.sim.ctrl.copy_(torch.where(mask, self.pd_offset.expand_as(self.sim.ctrl), self.sim.ctrl))

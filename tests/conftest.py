@@ -25,6 +25,9 @@ import os
 import sys
 import types
 
+# mujoco picks its OpenGL backend when first imported: headless EGL for the video test (see tasks/video.py)
+os.environ.setdefault("MUJOCO_GL", "egl")
+
 import mujoco
 import numpy as np
 import pytest

@@ -224,6 +224,26 @@ def test_targets_resample_on_timer(ant_heading_env):
     assert ((speed >= 0.4) & (speed < 0.8)).all()  # the ant's scaled speed range
 
 
+# ---------------------------------------------------------------- video
+def test_video_records_mp4(ant_location_env, tmp_path):
+    import imageio
+
+    from tasks import video
+
+    available, reason = video.renderer_available()
+    if not available:
+        pytest.skip(reason)
+    path = tmp_path / "ant.mp4"
+    frames = video.record_rollout(ant_location_env, str(path), steps=8, world=1, width=160, height=120)
+    assert frames == 9
+    images = [frame for frame in imageio.get_reader(str(path))]
+    assert len(images) == 9 and images[0].shape == (120, 160, 3)
+    assert images[0].std() > 0  # not a blank image
+    assert not (images[0] == images[-1]).all()  # the robot moved
+    with pytest.raises(ValueError, match="world 7 out of range"):
+        video.VideoRecorder(ant_location_env, str(tmp_path / "x.mp4"), world=7)
+
+
 # ---------------------------------------------------------------- registry
 def test_registry_names():
     assert ROBOTS == ("ant", "humanoid") and TASKS == ("heading", "location", "none")

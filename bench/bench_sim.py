@@ -1,0 +1,118 @@
+"""Simulator throughput: MuJoCo Warp batched env vs plain C MuJoCo on the same model, same run.
+
+For each robot and number of worlds N it prints
+    physics  world-steps/s  of the captured physics graph alone (decimation physics steps per replay)
+    env      control steps/s of env.step (physics + obs + reward + done bookkeeping), x N worlds
+    C        world-steps/s  of plain C MuJoCo (mujoco.rollout, one thread per CPU core) from the same
+             initial states with the same PD targets held for each control step
+    ratio    physics / C
+Random actions in [-1, 1]; N = 1, 64, 256 on CPU, plus 1024, 4096, 16384 when CUDA is available.
+
+    python bench/bench_sim.py --robots ant --num-envs 1 64 256 --steps 200
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import mujoco
+import numpy as np
+import torch
+from mujoco import rollout
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tasks import ROBOTS, make_env  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_warp(env, steps, warmup):
+    generator = torch.Generator(device=env.device).manual_seed(0)
+    actions = torch.rand(steps + warmup, env.num_envs, env.num_actions, device=env.device, generator=generator) * 2 - 1
+    env.reset()
+    for t in range(warmup):
+        env.step(actions[t])
+    sync(env.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        env.physics_step()
+    sync(env.device)
+    physics_rate = steps * env.decimation * env.num_envs / (time.perf_counter() - start)
+
+    env.reset()
+    sync(env.device)
+    start = time.perf_counter()
+    for t in range(steps):
+        env.step(actions[warmup + t])
+    sync(env.device)
+    control_rate = steps * env.num_envs / (time.perf_counter() - start)
+    return physics_rate, control_rate, actions[warmup:]
+
+
+def time_c_mujoco(env, actions, nthread):
+    """Plain C MuJoCo on the env's MjModel: the same initial states, the same PD targets."""
+    mjm, n = env.mjm, env.num_envs
+    env.reset()
+    spec = mujoco.mjtState.mjSTATE_FULLPHYSICS
+    data = mujoco.MjData(mjm)
+    initial_state = np.empty((n, mujoco.mj_stateSize(mjm, spec)))
+    for world in range(n):
+        data.qpos[:] = env.sim.qpos[world].double().cpu().numpy()
+        data.qvel[:] = env.sim.qvel[world].double().cpu().numpy()
+        mujoco.mj_getState(mjm, data, initial_state[world], spec)
+    pd_targets = (env.pd_offset + env.pd_scale * actions).double().cpu().numpy()  # [steps, N, nu]
+    control = np.repeat(pd_targets.transpose(1, 0, 2), env.decimation, axis=1)  # [N, steps * decimation, nu]
+    datas = [mujoco.MjData(mjm) for _ in range(nthread)]
+    with rollout.Rollout(nthread=nthread) as pool:
+        pool.rollout(mjm, datas, initial_state[:, :], control[:, :2])  # warm-up (thread pool start)
+        start = time.perf_counter()
+        pool.rollout(mjm, datas, initial_state, control)
+        elapsed = time.perf_counter() - start
+    return control.shape[0] * control.shape[1] / elapsed
+
+
+def cpu_model_name():
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--robots", nargs="+", default=["ant"], choices=ROBOTS)
+    parser.add_argument("--num-envs", nargs="+", type=int, default=None,
+                        help="worlds per env (default 1 64 256, plus 1024 4096 16384 on CUDA)")
+    parser.add_argument("--steps", type=int, default=200, help="timed control steps per measurement")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed control steps first")
+    parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="C MuJoCo rollout threads")
+    parser.add_argument("--no-reference", action="store_true", help="skip the C MuJoCo reference")
+    args = parser.parse_args()
+    num_envs = args.num_envs or ([1, 64, 256] + ([1024, 4096, 16384] if args.device.startswith("cuda") else []))
+    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else cpu_model_name()
+    print(f"device {args.device} ({device_name}), {os.cpu_count()} CPU cores, {args.steps} control steps, "
+          f"C MuJoCo {mujoco.__version__} with {args.threads} threads")
+    header = f"{'robot':>8} {'N':>6} {'physics world-steps/s':>22} {'env control steps/s':>20} " \
+             f"{'C MuJoCo world-steps/s':>23} {'ratio':>7}"
+    print(header)
+    for robot in args.robots:
+        for n in num_envs:
+            env = make_env(robot, "none", n, device=args.device, seed=0)
+            physics_rate, control_rate, actions = time_warp(env, args.steps, args.warmup)
+            c_rate = float("nan") if args.no_reference else time_c_mujoco(env, actions, args.threads)
+            print(f"{robot:>8} {n:>6} {physics_rate:>22,.0f} {control_rate:>20,.0f} {c_rate:>23,.0f} "
+                  f"{physics_rate / c_rate:>7.2f}", flush=True)
+            del env
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Offscreen MP4 videos of one world of a batched env, headless on CPU.
+
+Each frame copies the world's qpos to a CPU mujoco.MjData (a host copy, for video only), runs
+mj_forward and renders it with mujoco.Renderer; imageio-ffmpeg writes the MP4. The task target is
+drawn as a marker (heading: green arrow = target direction, blue arrow = target facing; location:
+red sphere at the target).
+
+Rendering backend: MUJOCO_GL, read by mujoco when it is first imported. tasks/__init__.py sets it to
+"egl" when unset (Debian packages libegl1, libegl-mesa0, libgl1-mesa-dri: Mesa's software EGL, no GPU
+or display needed). MUJOCO_GL=osmesa (package libosmesa6) works too.
+
+    recorder = VideoRecorder(env, "videos/ant.mp4")   # after env.reset()
+    for _ in range(300):
+        env.step(actions)
+        recorder.capture()
+    recorder.close()
+
+Command line (random actions): python -m tasks.video --robot ant --task heading --steps 300 --out ant.mp4
+"""
+
+import argparse
+import os
+
+import imageio
+import mujoco
+import numpy as np
+import torch
+
+
+def renderer_available(width=64, height=64):
+    """(True, "") if an offscreen GL context can be made here, else (False, reason)."""
+    try:
+        model = mujoco.MjModel.from_xml_string("<mujoco><worldbody><geom size='1'/></worldbody></mujoco>")
+        renderer = mujoco.Renderer(model, height, width)
+        renderer.close()
+        return True, ""
+    except Exception as error:  # any GL failure means: no video here
+        return False, f"no offscreen OpenGL (MUJOCO_GL={os.environ.get('MUJOCO_GL')!r}): {error}"
+
+
+class VideoRecorder:
+    def __init__(self, env, path, world=0, width=640, height=480, fps=None, camera_distance=3.5):
+        if not 0 <= world < env.num_envs:
+            raise ValueError(f"world {world} out of range: the env has {env.num_envs} worlds")
+        self.env, self.path, self.world = env, path, world
+        self.data = mujoco.MjData(env.mjm)
+        try:
+            self.renderer = mujoco.Renderer(env.mjm, height, width)
+        except Exception as error:
+            raise RuntimeError(
+                f"cannot render offscreen with MUJOCO_GL={os.environ.get('MUJOCO_GL')!r}: {error}. Set "
+                "MUJOCO_GL=egl (Debian: libegl1 libegl-mesa0 libgl1-mesa-dri) or MUJOCO_GL=osmesa (libosmesa6) "
+                "before mujoco is first imported") from error
+        self.camera = mujoco.MjvCamera()  # follows the root body, works for any robot
+        self.camera.type = mujoco.mjtCamera.mjCAMERA_TRACKING
+        self.camera.trackbodyid = 1
+        self.camera.distance, self.camera.elevation, self.camera.azimuth = camera_distance, -20.0, 135.0
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fps = fps if fps is not None else round(1.0 / env.control_dt)
+        self.writer = imageio.get_writer(path, fps=fps, codec="libx264", macro_block_size=8)
+        self.num_frames = 0
+
+    def capture(self):
+        """Render the world's current state and append it to the video."""
+        self.data.qpos[:] = self.env.sim.qpos[self.world].detach().cpu().double().numpy()
+        mujoco.mj_forward(self.env.mjm, self.data)
+        self.renderer.update_scene(self.data, camera=self.camera)
+        self._draw_task_marker()
+        self.writer.append_data(self.renderer.render())
+        self.num_frames += 1
+
+    def _draw_task_marker(self):
+        state, root_pos = self.env.task_state, self.data.qpos[0:3]
+        if "target_dir" in state:
+            self._add_arrow(root_pos, state["target_dir"][self.world], [0.1, 0.8, 0.1, 1])
+            self._add_arrow(root_pos, state["target_facing"][self.world], [0.1, 0.3, 0.9, 1])
+        if "target_pos" in state:
+            x, y = state["target_pos"][self.world].tolist()
+            self._add_geom(mujoco.mjtGeom.mjGEOM_SPHERE, [0.15, 0, 0], [x, y, 0.15], np.eye(3), [0.9, 0.1, 0.1, 1])
+
+    def _add_arrow(self, root_pos, direction_xy, rgba):
+        start = np.array([root_pos[0], root_pos[1], root_pos[2] + 0.5])
+        end = start + np.array([*direction_xy.tolist(), 0.0])
+        scene = self.renderer.scene
+        if scene.ngeom < scene.maxgeom:
+            geom = scene.geoms[scene.ngeom]
+            mujoco.mjv_initGeom(geom, mujoco.mjtGeom.mjGEOM_ARROW, np.zeros(3), np.zeros(3), np.eye(3).ravel(),
+                                np.array(rgba, dtype=np.float32))
+            mujoco.mjv_connector(geom, mujoco.mjtGeom.mjGEOM_ARROW, 0.03, start, end)
+            scene.ngeom += 1
+
+    def _add_geom(self, geom_type, size, pos, mat, rgba):
+        scene = self.renderer.scene
+        if scene.ngeom < scene.maxgeom:
+            mujoco.mjv_initGeom(scene.geoms[scene.ngeom], geom_type, np.array(size, dtype=np.float64),
+                                np.array(pos, dtype=np.float64), np.asarray(mat, dtype=np.float64).ravel(),
+                                np.array(rgba, dtype=np.float32))
+            scene.ngeom += 1
+
+    def close(self):
+        self.writer.close()
+        self.renderer.close()
+
+
+def record_rollout(env, path, steps, policy=None, world=0, **recorder_kwargs):
+    """Reset env, run `steps` control steps with actions = policy(obs) (default: uniform random in
+    [-1, 1]), calling reset_done() after each step, and write world `world` to `path`."""
+    generator = torch.Generator(device=env.device).manual_seed(0)
+    obs = env.reset()["obs"]
+    recorder = VideoRecorder(env, path, world=world, **recorder_kwargs)
+    recorder.capture()
+    for _ in range(steps):
+        if policy is None:
+            actions = torch.rand(env.num_envs, env.num_actions, device=env.device, generator=generator) * 2 - 1
+        else:
+            actions = policy(obs)
+        env.step(actions)
+        recorder.capture()
+        obs = env.reset_done()["obs"]
+    recorder.close()
+    return recorder.num_frames
+
+
+if __name__ == "__main__":
+    from tasks import ROBOTS, TASKS, make_env
+
+    parser = argparse.ArgumentParser(description="Record world 0 of a robot under random actions to MP4.")
+    parser.add_argument("--robot", default="ant", choices=ROBOTS)
+    parser.add_argument("--task", default="heading", choices=TASKS)
+    parser.add_argument("--steps", type=int, default=300, help="control steps")
+    parser.add_argument("--num-envs", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="videos/rollout.mp4")
+    parser.add_argument("--width", type=int, default=640)
+    parser.add_argument("--height", type=int, default=480)
+    args = parser.parse_args()
+    env = make_env(args.robot, args.task, args.num_envs, device="cpu", seed=args.seed)
+    frames = record_rollout(env, args.out, args.steps, width=args.width, height=args.height)
+    print(f"wrote {frames} frames to {args.out}")
