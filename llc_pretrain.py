@@ -1,0 +1,677 @@
+"""Pre-train a latent-conditioned low-level controller (LLC) with PPO, and evaluate its skills.
+
+The LLC maps (proprioceptive observation, latent z) to joint actions. Latents are drawn uniformly
+on the unit sphere and held for a random 1..149 control steps per world, as in ASE. Without
+reference motions there is no motion prior to imitate, so the skill objective is explicit: a
+fixed, seeded projection turns z into a planar velocity command (heading frame) and a yaw-rate
+command, and the LLC is rewarded for tracking it (see `latent_to_command` and `skill_reward`).
+Random latents therefore cover every walking direction, a uniform range of speeds and turning
+rates, and a high-level policy can steer the frozen LLC by choosing z.
+
+Train (control steps counted over all worlds):
+    python llc_pretrain.py --robot ant --total-timesteps 2000000 --checkpoint-path checkpoints/llc_ant.pt
+Evaluate the skills of a checkpoint (64 latents held 5 s each, fall rate and reach per direction):
+    python llc_pretrain.py --evaluate checkpoints/llc_ant.pt
+"""
+
+import math
+import os
+import platform
+import random
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+from llc import build_llc, load_llc, save_llc
+from tasks import ROBOTS, make_env
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment (environment resets, latents, network initialisation)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, run on the GPU when one is available (simulator and networks)"""
+    torch_threads: int = 1
+    """CPU threads for torch ops (0: torch's default); on a small CPU, more threads contend with the simulator"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "hrl-llc-pretrain"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+
+    # Environment
+    robot: str = "ant"
+    """robot to train: one of tasks.ROBOTS"""
+    total_timesteps: int = 2_000_000
+    """total simulator control steps (env.step calls times worlds)"""
+    num_envs: int = 128
+    """number of parallel simulated worlds"""
+    num_steps: int = 32
+    """control steps per world per rollout"""
+
+    # Skill objective: latent -> planar command
+    latent_dim: Optional[int] = None
+    """latent (z) dimension; default 16 for the ant, 64 (as ASE) for the humanoid"""
+    latent_hold_min: int = 1
+    """shortest time a latent is held, in control steps (inclusive)"""
+    latent_hold_max: int = 150
+    """longest time a latent is held, in control steps (exclusive), as ASE's U[1, 150)"""
+    skill_seed: int = 0
+    """seed of the fixed projection from z to the command (stored in the checkpoint)"""
+    max_speed: Optional[float] = None
+    """largest commanded planar speed in m/s; default 1.0 for the ant, 2.0 for the humanoid"""
+    max_yaw_rate: float = 1.0
+    """largest commanded yaw rate in rad/s (0 disables turning commands)"""
+    vel_reward_sigma: float = 0.25
+    """tracking reward exp(-|v - v_cmd|^2 / sigma), sigma in (m/s)^2"""
+    yaw_reward_sigma: float = 0.25
+    """yaw-rate tracking reward exp(-(w - w_cmd)^2 / sigma), sigma in (rad/s)^2"""
+    vel_reward_weight: float = 1.0
+    """weight of the planar velocity tracking reward"""
+    yaw_reward_weight: float = 0.5
+    """weight of the yaw-rate tracking reward"""
+    upright_reward_weight: float = 0.2
+    """weight of the upright reward (z component of the root's up axis, in [-1, 1])"""
+    action_rate_penalty: float = 0.05
+    """penalty on the mean squared change of the action between control steps"""
+    action_penalty: float = 0.01
+    """penalty on the mean squared action (energy regulariser)"""
+
+    # Networks
+    llc_arch: str = "style_cat"
+    """LLC actor architecture for llc.build_llc: style_cat (as ASE) or mlp"""
+    llc_hidden: Tuple[int, ...] = (256, 256)
+    """LLC actor hidden sizes (ASE humanoid: 1024 1024 512)"""
+    llc_style_hidden: Tuple[int, ...] = (256, 128)
+    """style_cat only: hidden sizes of the style MLP on z (ASE: 512 256)"""
+    llc_style_dim: int = 64
+    """style_cat only: size of the tanh style embedding of z (ASE: 64)"""
+    llc_activation: str = "relu"
+    """LLC actor activation (ASE: relu)"""
+    critic_hidden: Tuple[int, ...] = (256, 256)
+    """critic hidden sizes; the critic sees the normalised obs, z and the command"""
+    init_log_std: float = -1.0
+    """initial log standard deviation of the exploration noise"""
+    learn_log_std: bool = True
+    """if toggled, the log-std is learned (ASE keeps it fixed at -2.9 with a motion prior)"""
+
+    # PPO
+    learning_rate: float = 3e-4
+    """the learning rate of the optimizer"""
+    anneal_lr: bool = False
+    """toggle learning rate annealing"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    gae_lambda: float = 0.95
+    """the lambda for the general advantage estimation"""
+    num_minibatches: int = 4
+    """the number of mini-batches"""
+    update_epochs: int = 5
+    """the K epochs to update the policy"""
+    norm_adv: bool = True
+    """toggles advantages normalization"""
+    clip_coef: float = 0.2
+    """the surrogate clipping coefficient"""
+    clip_vloss: bool = False
+    """toggles whether or not to use a clipped loss for the value function"""
+    ent_coef: float = 0.0
+    """coefficient of the entropy"""
+    vf_coef: float = 1.0
+    """coefficient of the value function"""
+    max_grad_norm: float = 1.0
+    """the maximum norm for the gradient clipping (actor and critic clipped separately)"""
+    target_kl: Optional[float] = None
+    """the target KL divergence threshold"""
+    reward_scale: float = 1.0
+    """rewards are multiplied by this before the advantage computation"""
+
+    # Checkpoints
+    checkpoint_path: Optional[str] = None
+    """where to write the LLC (native format); default runs/{run_name}/llc.pt"""
+    save_interval: int = 20
+    """write the checkpoint every this many iterations (and at the end)"""
+    init_from: Optional[str] = None
+    """continue from this training state (the `.train.pt` file written next to a checkpoint)"""
+
+    # Skill evaluation
+    evaluate: Optional[str] = None
+    """if set, do not train: evaluate the skills of this LLC checkpoint and exit"""
+    eval_num_latents: int = 64
+    """number of random latents (one world each) in the skill evaluation"""
+    eval_seconds: float = 5.0
+    """how long each latent is held in the skill evaluation"""
+    eval_seed: int = 0
+    """seed of the evaluation latents and resets"""
+
+    # to be filled in runtime
+    batch_size: int = 0
+    """the batch size (computed in runtime)"""
+    minibatch_size: int = 0
+    """the mini-batch size (computed in runtime)"""
+    num_iterations: int = 0
+    """the number of iterations (computed in runtime)"""
+
+
+DEFAULT_LATENT_DIM = {"ant": 16, "humanoid": 64}
+# m/s; covers the downstream heading task's target speeds (ant U[0.4, 0.8), humanoid U[1.5, 1.6))
+DEFAULT_MAX_SPEED = {"ant": 1.0, "humanoid": 2.0}
+EVAL_DIRECTION_BINS = 8
+
+
+# ---------------------------------------------------------------------------------------------
+# Latents: uniform on the unit sphere, each held for a random number of control steps
+# ---------------------------------------------------------------------------------------------
+def sample_latents(num: int, latent_dim: int, generator: torch.Generator, device) -> torch.Tensor:
+    """Latents uniform on the unit sphere S^(latent_dim - 1): normalised standard normals."""
+    z = torch.randn(num, latent_dim, generator=generator, device=device)
+    return z / z.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+
+
+def advance_latents(z, steps_left, force_new, generator, hold_min=1, hold_max=150):
+    """One control step has passed: count down, and give a new latent and hold time to the worlds
+    whose hold time ran out or that were reset (`force_new`). A latent drawn with hold time D is
+    used for exactly D control steps. Tensor ops only: no per-world Python loop, no host sync."""
+    steps_left = steps_left - 1
+    expired = (steps_left <= 0) | force_new
+    new_z = sample_latents(z.shape[0], z.shape[1], generator, z.device)
+    new_hold = torch.randint(hold_min, hold_max, steps_left.shape, generator=generator, device=z.device)
+    return torch.where(expired[:, None], new_z, z), torch.where(expired, new_hold, steps_left)
+
+
+# ---------------------------------------------------------------------------------------------
+# Skill mapping: z -> (planar velocity in the heading frame, yaw rate)
+# ---------------------------------------------------------------------------------------------
+def make_skill_projection(latent_dim: int, seed: int) -> torch.Tensor:
+    """A fixed random [3, latent_dim] matrix with orthonormal rows (seeded, stored in the checkpoint)."""
+    if latent_dim < 3:
+        raise ValueError(f"latent_dim={latent_dim}: the skill mapping needs latent_dim >= 3")
+    generator = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(latent_dim, 3, generator=generator, dtype=torch.float64))
+    return q.T.contiguous().float()
+
+
+def latent_to_command(z, projection, max_speed, max_yaw_rate):
+    """Command for unit latents z [N, D]: planar velocity in the heading frame [N, 2] (m/s) and
+    yaw rate [N] (rad/s).
+
+    c = projection @ z are three coordinates of z in a fixed random orthonormal 3-frame. For z
+    uniform on the sphere, |c_xy|^2 ~ Beta(1, (D-2)/2), whose CDF is 1 - (1 - x)^((D-2)/2), so
+    speed = max_speed * CDF(|c_xy|^2) is exactly uniform on [0, max_speed] and the direction of
+    c_xy is uniform on the circle. sqrt(D) * c_z is close to a standard normal, so
+    erf(c_z * sqrt(D / 2)) is close to uniform on [-1, 1]. Without this rescaling a 64-dim z would
+    project to commands near zero (|c|^2 ~ 3/64)."""
+    latent_dim = z.shape[-1]
+    c = z @ projection.T
+    planar_sq = (c[:, :2] ** 2).sum(-1).clamp(max=1.0)
+    speed = max_speed * (1.0 - (1.0 - planar_sq) ** ((latent_dim - 2) / 2))
+    direction = c[:, :2] / planar_sq.sqrt().clamp_min(1e-8)[:, None]
+    vel_cmd_heading = speed[:, None] * direction
+    yaw_rate_cmd = max_yaw_rate * torch.erf(c[:, 2] * math.sqrt(latent_dim / 2))
+    return vel_cmd_heading, yaw_rate_cmd
+
+
+def heading_yaw(quat_wxyz):
+    """Yaw angle (rad) of the root's x axis projected on the ground plane."""
+    w, x, y, z = quat_wxyz.unbind(-1)
+    return torch.atan2(2 * (w * z + x * y), 1 - 2 * (y * y + z * z))
+
+
+def world_to_heading(vec_xy_world, yaw):
+    """Rotate planar world vectors [N, 2] into the heading frame (by -yaw)."""
+    cos, sin = torch.cos(yaw), torch.sin(yaw)
+    x, y = vec_xy_world[:, 0], vec_xy_world[:, 1]
+    return torch.stack([cos * x + sin * y, -sin * x + cos * y], -1)
+
+
+def up_axis_z(quat_wxyz):
+    """z component (world) of the root's local z axis: 1 upright, -1 upside down."""
+    w, x, y, z = quat_wxyz.unbind(-1)
+    return 1 - 2 * (x * x + y * y)
+
+
+def skill_reward(root, prev_root, control_dt, vel_cmd_heading, yaw_rate_cmd, action, prev_action, args):
+    """Per-world reward [N] for tracking the latent's command, plus regularisers, and the terms
+    for logging. `root` is env.root_states() after the step, `prev_root` the root "pos" and "yaw"
+    before it: velocity and yaw rate are means over the control step (displacement / control_dt,
+    as the heading task measures velocity), which the PD oscillation within a step does not blur.
+    Actions are the clamped ones.
+
+    A motion prior plugs in here: with reference motions, add an AMP discriminator reward
+    (ASE: -log(max(1 - sigmoid(D(norm(amp_obs))), 1e-4))) and an encoder reward for recovering z
+    from the AMP observations; the tracking terms below would then become optional."""
+    yaw = heading_yaw(root["quat"])
+    vel_heading = world_to_heading((root["pos"][:, :2] - prev_root["pos"][:, :2]) / control_dt, yaw)
+    yaw_change = torch.remainder(yaw - prev_root["yaw"] + math.pi, 2 * math.pi) - math.pi
+    vel_error_sq = ((vel_heading - vel_cmd_heading) ** 2).sum(-1)
+    yaw_rate_error_sq = (yaw_change / control_dt - yaw_rate_cmd) ** 2
+    vel_tracking = torch.exp(-vel_error_sq / args.vel_reward_sigma)
+    yaw_tracking = torch.exp(-yaw_rate_error_sq / args.yaw_reward_sigma)
+    upright = up_axis_z(root["quat"])
+    reward = (
+        args.vel_reward_weight * vel_tracking
+        + args.yaw_reward_weight * yaw_tracking
+        + args.upright_reward_weight * upright
+        - args.action_rate_penalty * ((action - prev_action) ** 2).mean(-1)
+        - args.action_penalty * (action**2).mean(-1)
+    )
+    terms = {"vel_tracking": vel_tracking, "yaw_tracking": yaw_tracking,
+             "speed_error": vel_error_sq.sqrt(), "yaw_rate_error": yaw_rate_error_sq.sqrt()}
+    return reward, terms
+
+
+# ---------------------------------------------------------------------------------------------
+# Critic (the actor is the LLC network from llc.build_llc)
+# ---------------------------------------------------------------------------------------------
+def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+def make_critic(input_dim: int, hidden: Tuple[int, ...]) -> nn.Sequential:
+    layers, width = [], input_dim
+    for size in hidden:
+        layers += [layer_init(nn.Linear(width, size)), nn.ELU()]
+        width = size
+    layers.append(layer_init(nn.Linear(width, 1), std=1.0))
+    return nn.Sequential(*layers)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metadata written into the checkpoint
+# ---------------------------------------------------------------------------------------------
+def hardware_description(device: torch.device) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    text = f"CPU {cpu} ({os.cpu_count()} cores)"
+    if device.type == "cuda":
+        text += f", GPU {torch.cuda.get_device_name(device)}"
+    return text
+
+
+def env_control_settings(env) -> dict:
+    """Control settings of the env, as far as it exposes them: timing, PD target = offset + scale * action
+    (rad), and the PD gains of MuJoCo <position> actuators (kp in N m/rad, kv in N m s/rad)."""
+    settings = {"control_dt": float(env.control_dt), "max_episode_length": int(env.max_episode_length)}
+    for name in ("physics_dt", "decimation", "pd_offset", "pd_scale"):
+        value = getattr(env, name, None)
+        if torch.is_tensor(value):
+            value = value.detach().cpu().tolist()
+        if isinstance(value, (int, float, str, list)):
+            settings[name] = value
+    mjm = getattr(env, "mjm", None)
+    if mjm is not None:
+        settings["pd_kp"] = [float(v) for v in mjm.actuator_gainprm[:, 0]]
+        settings["pd_kv"] = [float(-v) for v in mjm.actuator_biasprm[:, 2]]
+        settings["actuator_force_range"] = [[float(lo), float(hi)] for lo, hi in mjm.actuator_forcerange]
+    return settings
+
+
+# ---------------------------------------------------------------------------------------------
+# Skill evaluation
+# ---------------------------------------------------------------------------------------------
+def reach_per_direction_bin(displacement, num_bins=EVAL_DIRECTION_BINS):
+    """displacement [M, 2] -> (largest distance [num_bins], count [num_bins]) per direction bin.
+    Bin i is centred on i * 360 / num_bins degrees (bin 0 = [-22.5, 22.5) for 8 bins); an empty bin
+    has distance 0."""
+    bin_width = 360.0 / num_bins
+    angle_deg = torch.rad2deg(torch.atan2(displacement[:, 1], displacement[:, 0]))
+    bins = torch.floor((angle_deg + bin_width / 2) / bin_width).long() % num_bins
+    reach = torch.zeros(num_bins, device=displacement.device)
+    reach.scatter_reduce_(0, bins, displacement.norm(dim=-1), reduce="amax")
+    counts = torch.zeros(num_bins, dtype=torch.long, device=displacement.device)
+    counts.scatter_add_(0, bins, torch.ones_like(bins))
+    return reach, counts
+
+
+def evaluate_skills(checkpoint_path: str, args: Args, device: torch.device) -> dict:
+    """Hold each of `eval_num_latents` random latents for `eval_seconds` from reset, one world per
+    latent, with the deterministic LLC action; report the fall rate and, per 45-degree direction
+    bin (displacement from the start, relative to the initial heading), the largest distance
+    reached by a latent that did not fall and whose final displacement lies in that bin."""
+    llc = load_llc(checkpoint_path, device=str(device))
+    robot = llc.metadata.get("robot", args.robot)
+    env = make_env(robot=robot, task="none", num_envs=args.eval_num_latents, device=str(device), seed=args.eval_seed)
+    llc.check_env(env.num_obs, env.get_task_obs_size(), path=checkpoint_path)
+    num_control_steps = int(round(args.eval_seconds / env.control_dt))
+    if num_control_steps > env.max_episode_length:
+        raise ValueError(f"--eval-seconds {args.eval_seconds} is {num_control_steps} control steps, longer than "
+                         f"the episode ({env.max_episode_length} steps of {env.control_dt} s)")
+    generator = torch.Generator(device=device).manual_seed(args.eval_seed)
+    z = sample_latents(args.eval_num_latents, llc.latent_dim, generator, device)
+
+    obs = env.reset()["obs"]
+    root = env.root_states()
+    start_pos_xy = root["pos"][:, :2].clone()
+    start_yaw = heading_yaw(root["quat"])
+    fell = torch.zeros(env.num_envs, dtype=torch.bool, device=device)
+    with torch.no_grad():
+        for _ in range(num_control_steps):
+            actions = llc.act(obs[:, : llc.obs_dim], z)
+            obs_dict, _, _, extras = env.step(actions)
+            obs = obs_dict["obs"]
+            fell |= extras["terminate"]
+    root = env.root_states()
+    displacement = world_to_heading(root["pos"][:, :2] - start_pos_xy, start_yaw)  # initial-heading frame
+    distance = displacement.norm(dim=-1)
+    standing = ~fell
+    reach, counts = reach_per_direction_bin(displacement[standing])
+    bin_width = 360.0 / EVAL_DIRECTION_BINS
+
+    result = {"checkpoint": checkpoint_path, "robot": robot, "num_latents": args.eval_num_latents,
+              "seconds": num_control_steps * env.control_dt, "control_steps": num_control_steps,
+              "falls": int(fell.sum()), "fall_rate": float(fell.float().mean()),
+              "bin_centers_deg": [i * bin_width for i in range(EVAL_DIRECTION_BINS)],
+              "bin_latents": counts.tolist(), "bin_reach_m": reach.tolist(),
+              "median_distance_m": float(distance[standing].median()) if standing.any() else 0.0}
+    mapping = llc.metadata.get("skill_mapping")
+    if mapping is not None:  # how well the commanded planar velocity was followed (average over the 5 s)
+        projection = torch.tensor(mapping["projection"], device=device)
+        vel_cmd, _ = latent_to_command(z, projection, mapping["max_speed"], mapping["max_yaw_rate"])
+        commanded_distance = vel_cmd.norm(dim=-1) * result["seconds"]
+        result["mean_commanded_distance_m"] = float(commanded_distance[standing].mean()) if standing.any() else 0.0
+    result["passes_bar"] = result["fall_rate"] < 0.10 and min(result["bin_reach_m"]) >= 1.5
+    print_skill_table(result)
+    return result
+
+
+def print_skill_table(result: dict):
+    print(f"skill evaluation of {result['checkpoint']} (robot {result['robot']}): {result['num_latents']} random "
+          f"latents, each held {result['seconds']:.2f} s ({result['control_steps']} control steps) from reset")
+    print(f"falls: {result['falls']}/{result['num_latents']} ({100 * result['fall_rate']:.1f}%)")
+    print("direction of displacement relative to the initial heading (0 deg = forward, 90 deg = left)")
+    print(f"{'bin (deg)':>16} | {'latents':>7} | {'max displacement (m)':>20}")
+    half = 180.0 / EVAL_DIRECTION_BINS
+    for center, count, reach in zip(result["bin_centers_deg"], result["bin_latents"], result["bin_reach_m"]):
+        lo, hi = center - half, center + half
+        print(f"{f'[{lo:6.1f}, {hi:6.1f})':>16} | {count:>7d} | {reach:>20.2f}")
+    print(f"median distance of the latents that did not fall: {result['median_distance_m']:.2f} m")
+    if "mean_commanded_distance_m" in result:
+        print(f"mean commanded distance (speed x time) of those latents: {result['mean_commanded_distance_m']:.2f} m")
+    print(f"bar (falls < 10%, >= 1.5 m in every bin): {'PASS' if result['passes_bar'] else 'FAIL'}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
+    if args.evaluate is not None:
+        evaluate_skills(args.evaluate, args, device)
+        sys.exit(0)
+
+    if args.robot not in ROBOTS:
+        raise ValueError(f"--robot {args.robot!r} is not one of {ROBOTS}")
+    latent_dim = args.latent_dim if args.latent_dim is not None else DEFAULT_LATENT_DIM[args.robot]
+    max_speed = args.max_speed if args.max_speed is not None else DEFAULT_MAX_SPEED[args.robot]
+    if not 1 <= args.latent_hold_min < args.latent_hold_max:
+        raise ValueError(f"latent hold range [{args.latent_hold_min}, {args.latent_hold_max}) must satisfy 1 <= min < max")
+    args.batch_size = int(args.num_envs * args.num_steps)
+    args.minibatch_size = int(args.batch_size // args.num_minibatches)
+    args.num_iterations = max(1, args.total_timesteps // args.batch_size)
+    run_name = f"{args.robot}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    checkpoint_path = args.checkpoint_path or f"runs/{run_name}/llc.pt"
+    train_state_path = os.path.splitext(checkpoint_path)[0] + ".train.pt"
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=run_name, save_code=True)
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters",
+                    "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])))
+
+    # seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    latent_generator = torch.Generator(device=device).manual_seed(args.seed)
+
+    # env setup: task "none", the LLC sees the observation without a task part
+    env = make_env(robot=args.robot, task="none", num_envs=args.num_envs, device=str(device), seed=args.seed)
+    llc_obs_dim = env.num_obs - env.get_task_obs_size()
+    action_dim = env.num_actions
+    projection = make_skill_projection(latent_dim, args.skill_seed).to(device)
+
+    # actor (the LLC), critic, exploration noise
+    model = build_llc(llc_obs_dim, latent_dim, action_dim, arch=args.llc_arch, hidden=tuple(args.llc_hidden),
+                      activation=args.llc_activation, style_hidden=tuple(args.llc_style_hidden),
+                      style_dim=args.llc_style_dim).to(device)
+    critic = make_critic(llc_obs_dim + latent_dim + 3, tuple(args.critic_hidden)).to(device)
+    log_std = nn.Parameter(torch.full((action_dim,), args.init_log_std, device=device), requires_grad=args.learn_log_std)
+    actor_params = [p for p in model.parameters() if p.requires_grad] + ([log_std] if args.learn_log_std else [])
+    optimizer = torch.optim.Adam(actor_params + list(critic.parameters()), lr=args.learning_rate, eps=1e-5)
+    steps_done_before, wall_time_before = 0, 0.0
+    if args.init_from is not None:
+        state = torch.load(args.init_from, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        critic.load_state_dict(state["critic"])
+        log_std.data.copy_(state["log_std"])
+        optimizer.load_state_dict(state["optimizer"])
+        steps_done_before, wall_time_before = int(state["global_step"]), float(state["wall_time_s"])
+
+    metadata = {
+        "robot": args.robot, **env_control_settings(env),
+        "command": shlex.join([sys.executable] + sys.argv), "seed": args.seed,
+        "latent_dim": latent_dim, "llc_arch": args.llc_arch, "llc_hidden": list(args.llc_hidden),
+        "skill_mapping": {
+            "type": "planar_velocity_heading_frame+yaw_rate", "projection": projection.cpu().tolist(),
+            "skill_seed": args.skill_seed, "max_speed": max_speed, "max_yaw_rate": args.max_yaw_rate,
+            "formula": "c = projection @ z; speed = max_speed * (1 - (1 - |c[:2]|^2)^((D-2)/2)); "
+                       "vel_cmd_heading = speed * c[:2] / |c[:2]|; yaw_rate_cmd = max_yaw_rate * erf(c[2] * sqrt(D/2))",
+        },
+        "latent_hold_steps": [args.latent_hold_min, args.latent_hold_max],
+        "continued_from": args.init_from, "hardware": hardware_description(device),
+    }
+
+    def save_checkpoint(global_step: int, wall_time_s: float):
+        os.makedirs(os.path.dirname(os.path.abspath(checkpoint_path)), exist_ok=True)
+        wall_time_s = wall_time_before + wall_time_s  # includes the runs this one continues
+        save_llc(checkpoint_path, model, {**metadata, "total_timesteps": global_step, "wall_time_s": round(wall_time_s, 1)})
+        # the PPO state (critic, noise, optimiser) to continue training with --init-from
+        tmp_path = train_state_path + ".tmp"
+        torch.save({"model": model.state_dict(), "critic": critic.state_dict(), "log_std": log_std.detach(),
+                    "optimizer": optimizer.state_dict(), "global_step": global_step, "wall_time_s": wall_time_s}, tmp_path)
+        os.replace(tmp_path, train_state_path)
+
+    # storage, allocated once
+    norm_obs_buf = torch.zeros((args.num_steps, args.num_envs, llc_obs_dim), device=device)
+    z_buf = torch.zeros((args.num_steps, args.num_envs, latent_dim), device=device)
+    command_buf = torch.zeros((args.num_steps, args.num_envs, 3), device=device)
+    actions_buf = torch.zeros((args.num_steps, args.num_envs, action_dim), device=device)
+    logprobs_buf = torch.zeros((args.num_steps, args.num_envs), device=device)
+    rewards_buf = torch.zeros((args.num_steps, args.num_envs), device=device)
+    dones_buf = torch.zeros((args.num_steps, args.num_envs), device=device)
+    values_buf = torch.zeros((args.num_steps, args.num_envs), device=device)
+
+    # on-device episode and skill statistics, read once per iteration
+    episode_return = torch.zeros(args.num_envs, device=device)
+    episode_length = torch.zeros(args.num_envs, device=device)
+    stats = torch.zeros(8, device=device)  # return sum, length sum, episodes, falls, vel/yaw tracking, speed/yaw errors
+
+    def critic_input(norm_obs, z):
+        vel_cmd, yaw_rate_cmd = latent_to_command(z, projection, max_speed, args.max_yaw_rate)
+        return torch.cat([norm_obs, z, vel_cmd, yaw_rate_cmd[:, None]], -1)
+
+    global_step = steps_done_before
+    start_time = time.time()
+    obs = env.reset()["obs"]
+    z = sample_latents(args.num_envs, latent_dim, latent_generator, device)
+    latent_steps_left = torch.randint(args.latent_hold_min, args.latent_hold_max, (args.num_envs,),
+                                      generator=latent_generator, device=device)
+    prev_action = torch.zeros(args.num_envs, action_dim, device=device)
+
+    for iteration in range(1, args.num_iterations + 1):
+        if args.anneal_lr:
+            frac = 1.0 - (iteration - 1.0) / args.num_iterations
+            optimizer.param_groups[0]["lr"] = frac * args.learning_rate
+        stats.zero_()
+
+        # ---- rollout ----
+        for step in range(args.num_steps):
+            global_step += args.num_envs
+            llc_obs = obs[:, :llc_obs_dim]
+            model.obs_normalizer.update(llc_obs)
+            with torch.no_grad():
+                norm_obs = model.normalize_obs(llc_obs)
+                value_input = critic_input(norm_obs, z)
+                values_buf[step] = critic(value_input).squeeze(-1)
+                mean = model.mean_action(norm_obs, z)
+                action = mean + log_std.exp() * torch.randn_like(mean)
+                logprobs_buf[step] = torch.distributions.Normal(mean, log_std.exp()).log_prob(action).sum(-1)
+            norm_obs_buf[step], z_buf[step], command_buf[step] = norm_obs, z, value_input[:, -3:]
+            actions_buf[step] = action
+
+            root = env.root_states()
+            prev_root = {"pos": root["pos"].clone(), "yaw": heading_yaw(root["quat"])}
+            obs_dict, _, done, extras = env.step(action)
+            applied_action = action.clamp(-1.0, 1.0)
+            vel_cmd, yaw_rate_cmd = value_input[:, -3:-1], value_input[:, -1]
+            reward, terms = skill_reward(env.root_states(), prev_root, env.control_dt, vel_cmd, yaw_rate_cmd,
+                                         applied_action, prev_action, args)
+            reward = torch.where(extras["nonfinite"], torch.zeros_like(reward), reward)
+            # timeouts bootstrap from the true last state (still in obs_dict before reset_done); falls do not
+            time_out = extras["time_outs"] & ~extras["terminate"]
+            with torch.no_grad():
+                terminal_norm_obs = model.normalize_obs(obs_dict["obs"][:, :llc_obs_dim])
+                terminal_value = critic(critic_input(terminal_norm_obs, z)).squeeze(-1)
+            rewards_buf[step] = args.reward_scale * reward + args.gamma * terminal_value * time_out
+            dones_buf[step] = done.float()
+
+            episode_return += reward
+            episode_length += 1
+            stats += torch.stack([
+                (episode_return * done).sum(), (episode_length * done).sum(), done.sum(), extras["terminate"].sum(),
+                terms["vel_tracking"].mean(), terms["yaw_tracking"].mean(),
+                terms["speed_error"].mean(), terms["yaw_rate_error"].mean()])
+            episode_return *= ~done
+            episode_length *= ~done
+            prev_action = torch.where(done[:, None], torch.zeros_like(applied_action), applied_action)
+
+            obs = env.reset_done()["obs"]
+            z, latent_steps_left = advance_latents(z, latent_steps_left, done, latent_generator,
+                                                   args.latent_hold_min, args.latent_hold_max)
+
+        # ---- advantages (GAE; done[t] = the episode ended after transition t) ----
+        with torch.no_grad():
+            next_value = critic(critic_input(model.normalize_obs(obs[:, :llc_obs_dim]), z)).squeeze(-1)
+            advantages = torch.zeros_like(rewards_buf)
+            lastgaelam = 0
+            for t in reversed(range(args.num_steps)):
+                nextvalues = next_value if t == args.num_steps - 1 else values_buf[t + 1]
+                nextnonterminal = 1.0 - dones_buf[t]
+                delta = rewards_buf[t] + args.gamma * nextvalues * nextnonterminal - values_buf[t]
+                advantages[t] = lastgaelam = delta + args.gamma * args.gae_lambda * nextnonterminal * lastgaelam
+            returns = advantages + values_buf
+
+        # ---- PPO update ----
+        b_norm_obs = norm_obs_buf.reshape(-1, llc_obs_dim)
+        b_z = z_buf.reshape(-1, latent_dim)
+        b_command = command_buf.reshape(-1, 3)
+        b_actions = actions_buf.reshape(-1, action_dim)
+        b_logprobs, b_advantages = logprobs_buf.reshape(-1), advantages.reshape(-1)
+        b_returns, b_values = returns.reshape(-1), values_buf.reshape(-1)
+
+        clipfracs = []
+        for epoch in range(args.update_epochs):
+            b_inds = torch.randperm(args.batch_size, device=device)
+            for start in range(0, args.batch_size, args.minibatch_size):
+                mb_inds = b_inds[start : start + args.minibatch_size]
+                mean = model.mean_action(b_norm_obs[mb_inds], b_z[mb_inds])
+                dist = torch.distributions.Normal(mean, log_std.exp().expand_as(mean))
+                newlogprob = dist.log_prob(b_actions[mb_inds]).sum(-1)
+                entropy = dist.entropy().sum(-1)
+                newvalue = critic(torch.cat([b_norm_obs[mb_inds], b_z[mb_inds], b_command[mb_inds]], -1)).squeeze(-1)
+                logratio = newlogprob - b_logprobs[mb_inds]
+                ratio = logratio.exp()
+                with torch.no_grad():
+                    old_approx_kl = (-logratio).mean()
+                    approx_kl = ((ratio - 1) - logratio).mean()
+                    clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean())
+
+                mb_advantages = b_advantages[mb_inds]
+                if args.norm_adv:
+                    mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+                pg_loss1 = -mb_advantages * ratio
+                pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+                pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+
+                if args.clip_vloss:
+                    v_loss_unclipped = (newvalue - b_returns[mb_inds]) ** 2
+                    v_clipped = b_values[mb_inds] + torch.clamp(newvalue - b_values[mb_inds], -args.clip_coef, args.clip_coef)
+                    v_loss = 0.5 * torch.max(v_loss_unclipped, (v_clipped - b_returns[mb_inds]) ** 2).mean()
+                else:
+                    v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
+
+                entropy_loss = entropy.mean()
+                loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+                optimizer.zero_grad()
+                loss.backward()
+                # separate clipping: the value loss (unnormalised returns) must not shrink the policy step
+                nn.utils.clip_grad_norm_(actor_params, args.max_grad_norm)
+                nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
+                optimizer.step()
+            if args.target_kl is not None and approx_kl > args.target_kl:
+                break
+
+        # ---- logging (one host sync per iteration) ----
+        y_pred, y_true = b_values, b_returns
+        var_y = torch.var(y_true)
+        explained_var = (1 - torch.var(y_true - y_pred) / var_y) if var_y > 0 else torch.tensor(float("nan"))
+        stats_host = stats.cpu().tolist()
+        ret_sum, len_sum, episodes, falls = stats_host[:4]
+        vel_tracking, yaw_tracking, speed_error, yaw_rate_error = [s / args.num_steps for s in stats_host[4:]]
+        elapsed = time.time() - start_time
+        sps = int((global_step - steps_done_before) / elapsed)
+        if episodes > 0:
+            writer.add_scalar("charts/episodic_return", ret_sum / episodes, global_step)
+            writer.add_scalar("charts/episodic_length", len_sum / episodes, global_step)
+        writer.add_scalar("charts/fall_rate", falls / max(episodes, 1), global_step)
+        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+        writer.add_scalar("charts/SPS", sps, global_step)
+        writer.add_scalar("charts/action_std", log_std.exp().mean().item(), global_step)
+        writer.add_scalar("skill/vel_tracking", vel_tracking, global_step)
+        writer.add_scalar("skill/yaw_tracking", yaw_tracking, global_step)
+        writer.add_scalar("skill/speed_error", speed_error, global_step)
+        writer.add_scalar("skill/yaw_rate_error", yaw_rate_error, global_step)
+        writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
+        writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
+        writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
+        writer.add_scalar("losses/old_approx_kl", old_approx_kl.item(), global_step)
+        writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
+        writer.add_scalar("losses/clipfrac", torch.stack(clipfracs).mean().item(), global_step)
+        writer.add_scalar("losses/explained_variance", float(explained_var), global_step)
+        eta_s = elapsed / iteration * (args.num_iterations - iteration)
+        episode_text = f"ep_return {ret_sum / episodes:7.2f} ep_len {len_sum / episodes:6.1f}" if episodes > 0 else "no episode ended"
+        print(f"iter {iteration}/{args.num_iterations} step {global_step} SPS {sps} | {episode_text} "
+              f"falls {int(falls)} | vel_track {vel_tracking:.3f} speed_err {speed_error:.3f} m/s "
+              f"yaw_err {yaw_rate_error:.3f} rad/s | std {log_std.exp().mean().item():.3f} | "
+              f"ETA {int(eta_s // 60)}m{int(eta_s % 60):02d}s", flush=True)
+
+        if iteration % args.save_interval == 0 or iteration == args.num_iterations:
+            save_checkpoint(global_step, time.time() - start_time)
+
+    print(f"wrote {checkpoint_path} ({global_step} control steps, {time.time() - start_time:.0f} s)")
+    writer.close()

@@ -1,0 +1,180 @@
+"""Tests for llc_pretrain.py: latent resampling, the skill mapping, the reward, the evaluation's
+direction bins, and the script end to end (tiny: 2 worlds, tiny networks, a few iterations)."""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import llc_pretrain as lp  # noqa: E402
+from llc import load_llc  # noqa: E402
+
+
+def test_sampled_latents_are_unit_norm():
+    generator = torch.Generator().manual_seed(0)
+    z = lp.sample_latents(1000, 16, generator, "cpu")
+    assert z.shape == (1000, 16)
+    torch.testing.assert_close(z.norm(dim=-1), torch.ones(1000))
+    # uniform on the sphere: every coordinate has mean 0 and second moment 1 / dim
+    assert z.mean(0).abs().max() < 0.05
+    assert (z.pow(2).mean(0) - 1 / 16).abs().max() < 0.02
+
+
+def test_latents_held_for_sampled_durations():
+    num_envs, latent_dim, num_steps = 6, 8, 1200
+    generator = torch.Generator().manual_seed(3)
+    z = lp.sample_latents(num_envs, latent_dim, generator, "cpu")
+    steps_left = torch.randint(1, 150, (num_envs,), generator=generator)
+    no_reset = torch.zeros(num_envs, dtype=torch.bool)
+    latents, holds = [z], [steps_left]
+    for _ in range(num_steps):
+        z, steps_left = lp.advance_latents(z, steps_left, no_reset, generator, 1, 150)
+        latents.append(z)
+        holds.append(steps_left)
+    latents, holds = torch.stack(latents), torch.stack(holds)  # [T + 1, N, D], [T + 1, N]
+
+    torch.testing.assert_close(latents.norm(dim=-1), torch.ones(num_steps + 1, num_envs))
+    for env in range(num_envs):
+        changed = (latents[1:, env] != latents[:-1, env]).any(-1)
+        change_steps = torch.nonzero(changed).squeeze(-1) + 1  # steps at which a new latent is in use
+        starts = [0] + change_steps.tolist()
+        # the latent in use at each start was drawn with hold time holds[start]: it stays exactly that long
+        for start, next_start in zip(starts[:-1], starts[1:]):
+            duration = int(holds[start, env])
+            assert 1 <= duration < 150
+            assert next_start - start == duration, (env, start, duration, next_start)
+        assert len(starts) > 5  # many resamples over 1200 steps with holds < 150
+        # in between, the countdown decreases by one per step
+        for start in starts[:-1]:
+            duration = int(holds[start, env])
+            expected = torch.arange(duration, 0, -1)
+            assert torch.equal(holds[start : start + duration, env], expected)
+    all_durations = holds[latents.new_ones(num_steps + 1, num_envs, dtype=torch.bool)]
+    assert int(all_durations.min()) >= 1 and int(all_durations.max()) <= 149
+
+
+def test_reset_worlds_get_a_new_latent_at_once():
+    generator = torch.Generator().manual_seed(1)
+    z = lp.sample_latents(4, 8, generator, "cpu")
+    steps_left = torch.full((4,), 100)
+    reset = torch.tensor([False, True, False, True])
+    new_z, new_steps_left = lp.advance_latents(z, steps_left, reset, generator, 1, 150)
+    assert torch.equal(new_z[~reset], z[~reset])
+    assert torch.equal(new_steps_left[~reset], torch.full((2,), 99))
+    assert (new_z[reset] != z[reset]).any(-1).all()
+    assert ((new_steps_left[reset] >= 1) & (new_steps_left[reset] < 150)).all()
+
+
+@pytest.mark.parametrize("latent_dim", [16, 64])
+def test_command_mapping_covers_speeds_and_directions_uniformly(latent_dim):
+    projection = lp.make_skill_projection(latent_dim, seed=0)
+    torch.testing.assert_close(projection @ projection.T, torch.eye(3), atol=1e-5, rtol=0)
+    z = lp.sample_latents(40000, latent_dim, torch.Generator().manual_seed(0), "cpu")
+    vel_cmd, yaw_rate_cmd = lp.latent_to_command(z, projection, max_speed=1.0, max_yaw_rate=1.0)
+    speed = vel_cmd.norm(dim=-1)
+    assert float(speed.max()) <= 1.0 + 1e-6
+    # speed exactly uniform on [0, max_speed]: its quantiles are the identity
+    quantiles = torch.quantile(speed, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9]))
+    torch.testing.assert_close(quantiles, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9]), atol=0.02, rtol=0)
+    # directions uniform: each 45-degree bin holds about 1/8 of the commands
+    _, counts = lp.reach_per_direction_bin(vel_cmd)
+    assert (counts.float() / len(z) - 1 / 8).abs().max() < 0.01
+    # yaw rates spread over [-max, max], close to uniform
+    assert float(yaw_rate_cmd.abs().max()) <= 1.0
+    yaw_quantiles = torch.quantile(yaw_rate_cmd, torch.tensor([0.1, 0.5, 0.9]))
+    torch.testing.assert_close(yaw_quantiles, torch.tensor([-0.8, 0.0, 0.8]), atol=0.05, rtol=0)
+
+
+def test_make_skill_projection_rejects_small_latent_dim():
+    with pytest.raises(ValueError, match="latent_dim=2"):
+        lp.make_skill_projection(2, seed=0)
+
+
+def test_heading_frame_matches_the_env():
+    from tasks.base import heading_rotate_inverse
+
+    generator = torch.Generator().manual_seed(0)
+    quat = torch.nn.functional.normalize(torch.randn(50, 4, generator=generator), dim=-1)
+    vec = torch.randn(50, 3, generator=generator)
+    expected = heading_rotate_inverse(quat, vec)[:, :2]
+    torch.testing.assert_close(lp.world_to_heading(vec[:, :2], lp.heading_yaw(quat)), expected, atol=1e-5, rtol=0)
+
+
+def test_skill_reward_is_highest_when_tracking_the_command():
+    args = lp.Args()
+    yaw = torch.tensor([0.3, 0.3])
+    quat = torch.stack([torch.cos(yaw / 2), torch.zeros(2), torch.zeros(2), torch.sin(yaw / 2)], -1)
+    dt = 0.03
+    vel_cmd_heading = torch.tensor([[0.5, 0.2], [0.5, 0.2]])
+    yaw_rate_cmd = torch.tensor([0.0, 0.0])
+    vel_world = torch.stack([torch.cos(yaw) * 0.5 - torch.sin(yaw) * 0.2, torch.sin(yaw) * 0.5 + torch.cos(yaw) * 0.2], -1)
+    vel_world[1] = -vel_world[1]  # the second world moves opposite to its command
+    prev_root = {"pos": torch.zeros(2, 3), "yaw": yaw}
+    root = {"pos": torch.cat([vel_world * dt, torch.zeros(2, 1)], -1), "quat": quat}
+    action = torch.zeros(2, 8)
+    reward, terms = lp.skill_reward(root, prev_root, dt, vel_cmd_heading, yaw_rate_cmd, action, action, args)
+    torch.testing.assert_close(terms["vel_tracking"][0], torch.tensor(1.0))
+    torch.testing.assert_close(terms["yaw_tracking"], torch.ones(2))
+    expected_best = args.vel_reward_weight + args.yaw_reward_weight + args.upright_reward_weight
+    torch.testing.assert_close(reward[0], torch.tensor(expected_best))
+    assert reward[1] < reward[0] - 0.5
+
+
+def test_reach_per_direction_bin():
+    angles = torch.deg2rad(torch.tensor([0.0, 44.0, 46.0, 90.0, 180.0, -90.0, -30.0, 10.0]))
+    distance = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0])
+    displacement = torch.stack([torch.cos(angles), torch.sin(angles)], -1) * distance[:, None]
+    reach, counts = lp.reach_per_direction_bin(displacement)
+    # bins centred on 0, 45, ..., 315 degrees
+    torch.testing.assert_close(reach, torch.tensor([8.0, 3.0, 4.0, 0.0, 5.0, 0.0, 6.0, 7.0]))
+    assert counts.tolist() == [2, 2, 1, 0, 1, 0, 1, 1]
+
+
+def run_script(*flags, cwd):
+    command = [sys.executable, os.path.join(ROOT, "llc_pretrain.py"), *flags]
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def test_train_then_evaluate_end_to_end(tmp_path):
+    checkpoint = tmp_path / "llc_tiny.pt"
+    out = run_script("--robot", "ant", "--seed", "7", "--num-envs", "2", "--num-steps", "8",
+                     "--total-timesteps", "48", "--num-minibatches", "2", "--update-epochs", "2",
+                     "--llc-hidden", "16", "16", "--llc-style-hidden", "8", "--llc-style-dim", "4",
+                     "--critic-hidden", "16", "--save-interval", "2",
+                     "--checkpoint-path", str(checkpoint), cwd=tmp_path)
+    assert "iter 3/3" in out and "ETA" in out
+    assert list((tmp_path / "runs").iterdir()), "no TensorBoard run folder"
+
+    llc = load_llc(str(checkpoint))
+    assert (llc.obs_dim, llc.latent_dim, llc.action_dim) == (29, 16, 8)
+    meta = llc.metadata
+    assert "llc_pretrain.py" in meta["command"] and "--seed 7" in meta["command"]
+    assert meta["seed"] == 7 and meta["robot"] == "ant" and meta["total_timesteps"] == 48
+    assert meta["control_dt"] == pytest.approx(0.03)
+    assert len(meta["skill_mapping"]["projection"]) == 3 and len(meta["skill_mapping"]["projection"][0]) == 16
+    assert len(meta["pd_kp"]) == 8
+    z = torch.nn.functional.normalize(torch.randn(3, 16), dim=-1)
+    actions = llc.act(torch.zeros(3, 29), z)
+    assert actions.shape == (3, 8) and actions.abs().max() <= 1.0
+
+    # continue from the training state written next to the checkpoint
+    continued = tmp_path / "llc_continued.pt"
+    run_script("--num-envs", "2", "--num-steps", "8", "--total-timesteps", "16", "--num-minibatches", "2",
+               "--update-epochs", "1", "--llc-hidden", "16", "16", "--llc-style-hidden", "8", "--llc-style-dim", "4",
+               "--critic-hidden", "16", "--init-from", str(tmp_path / "llc_tiny.train.pt"),
+               "--checkpoint-path", str(continued), cwd=tmp_path)
+    assert load_llc(str(continued)).metadata["total_timesteps"] == 64
+
+    out = run_script("--evaluate", str(checkpoint), "--eval-num-latents", "4", "--eval-seconds", "0.3", cwd=tmp_path)
+    assert "falls:" in out and "bar (falls < 10%" in out
+    table_rows = [line for line in out.splitlines() if line.strip().startswith("[") and "|" in line]
+    assert len(table_rows) == 8
+    assert "10 control steps" in out
