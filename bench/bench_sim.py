@@ -6,6 +6,8 @@ For each robot and number of worlds N it prints
     C        world-steps/s  of plain C MuJoCo (mujoco.rollout, one thread per CPU core) from the same
              initial states with the same PD targets held for each control step
     ratio    physics / C
+    eager    (with --eager) world-steps/s of the same physics stepped eagerly, kernel by kernel,
+             instead of replaying the captured graph
 Random actions in [-1, 1]; N = 1, 64, 256 on CPU, plus 1024, 4096, 16384 when CUDA is available.
 
     python bench/bench_sim.py --robots ant --num-envs 1 64 256 --steps 200
@@ -53,6 +55,16 @@ def time_warp(env, steps, warmup):
     return physics_rate, control_rate, actions[warmup:]
 
 
+def time_eager_physics(env, steps):
+    env.reset()
+    sync(env.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        env._launch(None, env._physics_eager)
+    sync(env.device)
+    return steps * env.decimation * env.num_envs / (time.perf_counter() - start)
+
+
 def time_c_mujoco(env, actions, nthread):
     """Plain C MuJoCo on the env's MjModel: the same initial states, the same PD targets."""
     mjm, n = env.mjm, env.num_envs
@@ -96,21 +108,23 @@ def main():
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="C MuJoCo rollout threads")
     parser.add_argument("--no-reference", action="store_true", help="skip the C MuJoCo reference")
+    parser.add_argument("--eager", action="store_true", help="also time eager (not captured) physics")
     args = parser.parse_args()
     num_envs = args.num_envs or ([1, 64, 256] + ([1024, 4096, 16384] if args.device.startswith("cuda") else []))
     device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else cpu_model_name()
     print(f"device {args.device} ({device_name}), {os.cpu_count()} CPU cores, {args.steps} control steps, "
           f"C MuJoCo {mujoco.__version__} with {args.threads} threads")
     header = f"{'robot':>8} {'N':>6} {'physics world-steps/s':>22} {'env control steps/s':>20} " \
-             f"{'C MuJoCo world-steps/s':>23} {'ratio':>7}"
+             f"{'C MuJoCo world-steps/s':>23} {'ratio':>7}" + (f" {'eager world-steps/s':>20}" if args.eager else "")
     print(header)
     for robot in args.robots:
         for n in num_envs:
             env = make_env(robot, "none", n, device=args.device, seed=0)
             physics_rate, control_rate, actions = time_warp(env, args.steps, args.warmup)
             c_rate = float("nan") if args.no_reference else time_c_mujoco(env, actions, args.threads)
+            eager = f" {time_eager_physics(env, max(1, args.steps // 4)):>20,.0f}" if args.eager else ""
             print(f"{robot:>8} {n:>6} {physics_rate:>22,.0f} {control_rate:>20,.0f} {c_rate:>23,.0f} "
-                  f"{physics_rate / c_rate:>7.2f}", flush=True)
+                  f"{physics_rate / c_rate:>7.2f}{eager}", flush=True)
             del env
 
 
