@@ -35,6 +35,7 @@ if __name__ == "__main__" and requested_backend(sys.argv[1:]) == "isaacgym":
         sys.exit(f"error: {ISAACGYM_MISSING} ({err})")
 
 import importlib
+import importlib.util
 import random
 import signal
 import time
@@ -178,6 +179,14 @@ def check_flags(args: Args):
         raise SystemExit(f"error: --style-reward-weight must lie in [0, 1], got {args.style_reward_weight}")
     if args.env_backend == "isaacgym" and args.capture_video:
         raise SystemExit("error: --capture-video is supported with --env-backend mjwarp only (render Isaac Gym runs with its viewer)")
+    if args.capture_video and importlib.util.find_spec("tasks.video") is None:
+        raise SystemExit("error: --capture-video needs tasks/video.py, which this checkout lacks")
+    if args.capture_video:
+        from tasks.video import renderer_available
+
+        available, reason = renderer_available()
+        if not available:
+            raise SystemExit(f"error: --capture-video: {reason}")
     if args.env_factory and args.env_backend != "isaacgym":
         raise SystemExit(f"error: --env-factory {args.env_factory} is for --env-backend isaacgym; with mjwarp use --robot/--task")
     if args.env_backend == "isaacgym" and "isaacgym" not in sys.modules:
@@ -639,26 +648,37 @@ def parse_args(argv=None) -> Args:
     return args
 
 
-def record_video(env, llc, agent, derived: Derived, task_obs_size: int, style_weight: float, video_dir: str):
-    """One deterministic episode of env 0 rendered with tasks.video (mjwarp backend)."""
-    try:
-        from tasks import video
-    except ImportError as err:
-        raise SystemExit(f"error: --capture-video needs tasks/video.py, which this checkout lacks ({err})")
-    frames = []
+class RecordingEnv:
+    """Env proxy that renders one world after every control step (the k inner steps included)."""
+
+    def __init__(self, env, recorder):
+        self.env, self.recorder = env, recorder
+
+    def step(self, actions):
+        result = self.env.step(actions)
+        self.recorder.capture()
+        return result
+
+    def __getattr__(self, name):
+        return getattr(self.env, name)
+
+
+def record_video(env, llc, agent, derived: Derived, task_obs_size: int, style_weight: float, path: str):
+    """One deterministic episode of world 0 as an MP4 (tasks.video, mjwarp backend)."""
+    from tasks.video import VideoRecorder
+
     obs = env.reset()["obs"]
+    recorder = VideoRecorder(env, path, world=0)
+    recorder.capture()
     for _ in range(env.max_episode_length // derived.llc_steps + 1):
         with torch.no_grad():
             action = agent.action_mean(obs)
-        step = hierarchical_step(env, llc, action, obs, derived.llc_steps, task_obs_size, style_weight)
-        frames.append(video.render(env, world=0))
+        step = hierarchical_step(RecordingEnv(env, recorder), llc, action, obs, derived.llc_steps, task_obs_size, style_weight)
         if bool(step.done[0]):
             break
-        obs = step.obs
-    os.makedirs(video_dir, exist_ok=True)
-    path = os.path.join(video_dir, "episode.mp4")
-    video.write(path, frames, fps=1.0 / (env.control_dt * derived.llc_steps))
-    print(f"video: {path}")
+        obs = env.reset_done()["obs"]
+    recorder.close()
+    print(f"video: {path} ({recorder.num_frames} frames)")
 
 
 def evaluate(args: Args, derived: Derived, checkpoint: dict):
@@ -691,7 +711,7 @@ def evaluate(args: Args, derived: Derived, checkpoint: dict):
           f"control steps over {num_envs} episodes")
     if args.capture_video:
         run_name = checkpoint["run_name"]
-        record_video(env, llc, agent, derived, task_obs_size, style_weight, os.path.join("videos", f"{run_name}-eval"))
+        record_video(env, llc, agent, derived, task_obs_size, style_weight, os.path.join("videos", run_name, "eval.mp4"))
 
 
 def progress_line(iteration: int, num_iterations: int, iterations_this_session: int, global_step: int, sps: float,
@@ -857,7 +877,7 @@ if __name__ == "__main__":
         torch.save(agent.state_dict(), model_path)
         print(f"model saved to {model_path}")
     if args.capture_video and not stop_requested:
-        record_video(env, llc, agent, derived, task_obs_size, style_weight, os.path.join("videos", run_name))
+        record_video(env, llc, agent, derived, task_obs_size, style_weight, os.path.join("videos", run_name, "final.mp4"))
     writer.close()
     if args.track:
         wandb.finish()

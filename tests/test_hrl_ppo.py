@@ -373,3 +373,17 @@ def test_a_file_from_elsewhere_is_rejected(tmp_path):
     torch.save({"model": {}}, path)
     with pytest.raises(SystemExit, match="not a checkpoint written by hrl_ppo_continuous.py"):
         hrl.load_checkpoint(path)
+
+
+def test_video_proxy_captures_every_control_step():
+    class CountingRecorder:
+        frames = 0
+
+        def capture(self):
+            self.frames += 1
+
+    env, recorder = ScriptedEnv(*masking_script()), CountingRecorder()
+    recording_env = hrl.RecordingEnv(env, recorder)
+    assert recording_env.get_task_obs_size() == TASK_OBS  # everything else passes through
+    hrl.hierarchical_step(recording_env, FakeLLC(), torch.ones(3, LATENT), env.reset()["obs"], 4, TASK_OBS)
+    assert recorder.frames == 4
