@@ -7,6 +7,11 @@ functions: `reset`, `reset_done`, `step`, `root_states`. The physics of one cont
 substeps) is captured once as a Warp graph (`wp.ScopedCapture`) and replayed with
 `wp.capture_launch`, on CPU and on CUDA alike.
 
+One control step (`step`): clamp actions to [-1, 1] -> PD targets into ctrl -> task.update (resample
+expired targets) -> physics (DECIMATION physics steps) -> reward -> worlds with NaN / inf state go back
+to their initial state -> fall test, timeouts, sticky done flags -> obs. No host syncs. Finished worlds
+keep simulating until `reset_done()`.
+
 Robot module interface (one file per robot, e.g. tasks/ant.py). A robot module provides:
     MJCF_PATH: str                 MJCF file. The first joint must be a free joint (the root): qpos[:, 0:7]
                                    = root position (world) and quaternion (w, x, y, z), qvel[:, 0:6] =
@@ -203,7 +208,9 @@ class BatchedEnv:
         self.done_buf = torch.zeros(n, dtype=torch.bool, device=dev)
         self.terminate_buf = torch.zeros(n, dtype=torch.bool, device=dev)
         self.timeout_buf = torch.zeros(n, dtype=torch.bool, device=dev)
-        self.prev_root_pos = torch.zeros(n, 3, dtype=torch.float32, device=dev)
+        self.prev_root_pos = torch.zeros(n, 3, dtype=torch.float32, device=dev)  # root at step start
+        self.initial_qpos = torch.zeros_like(self.sim.qpos)  # state of each world's last reset
+        self.initial_qvel = torch.zeros_like(self.sim.qvel)
         self.nonfinite_resets = torch.zeros((), dtype=torch.int64, device=dev)
         self.task_state = task.make_state(n, dev, task_params, self.control_dt)
         self.task_params = task_params
@@ -276,15 +283,22 @@ class BatchedEnv:
         """Reset the worlds where reset_mask [N] is True; the others stay bit-identical."""
         mask = reset_mask[:, None]
         self.robot.reset_state(self.sim, reset_mask, self.generator)
-        for buf in (self.sim.qacc_warmstart, self.sim.qacc):
-            buf.copy_(torch.where(mask, torch.zeros_like(buf), buf))
+        self.initial_qpos.copy_(torch.where(mask, self.sim.qpos, self.initial_qpos))
+        self.initial_qvel.copy_(torch.where(mask, self.sim.qvel, self.initial_qvel))
+        self._clear_dynamics(reset_mask)
         self.sim.time.copy_(torch.where(reset_mask, torch.zeros_like(self.sim.time), self.sim.time))
         self.sim.ctrl.copy_(torch.where(mask, self.pd_offset.expand_as(self.sim.ctrl), self.sim.ctrl))
         self.progress.masked_fill_(reset_mask, 0)
         for buf in (self.done_buf, self.terminate_buf, self.timeout_buf):
             buf.masked_fill_(reset_mask, False)
-        self.prev_root_pos.copy_(torch.where(mask, self.sim.qpos[:, 0:3], self.prev_root_pos))
         self.task.reset(self.task_state, self._task_root(), reset_mask, self.generator)
+
+    def _clear_dynamics(self, mask):
+        """Zero accelerations and the solver's warm start of the masked worlds, so that a reset
+        world's trajectory depends only on its qpos / qvel."""
+        for buf in (self.sim.qacc_warmstart, self.sim.qacc):
+            buf.copy_(torch.where(mask[:, None], torch.zeros_like(buf), buf))
+        self.prev_root_pos.copy_(torch.where(mask[:, None], self.sim.qpos[:, 0:3], self.prev_root_pos))
 
     def seed(self, seed):
         """Reseed the env's random generator (initial states, task targets)."""
@@ -304,6 +318,7 @@ class BatchedEnv:
         return self.compute_obs()
 
     def step(self, actions):
+        """One control step of every world: (obs_dict, reward [N], done [N], extras)."""
         actions = torch.clamp(actions.to(self.device, torch.float32), -1.0, 1.0)
         self.sim.ctrl.copy_(self.pd_offset + self.pd_scale * actions)
         self.task.update(self.task_state, self._task_root(), self.generator)
@@ -311,36 +326,39 @@ class BatchedEnv:
         self.physics_step()
         self.progress += 1
 
-        # a world whose state blew up is reset at once so NaN never reaches obs or the other worlds
-        nonfinite = ~(torch.isfinite(self.sim.qpos).all(-1) & torch.isfinite(self.sim.qvel).all(-1))
         reward = self.task.reward(self.task_state, self._task_root())
-        self.robot.reset_state(self.sim, nonfinite, self.generator)
-        self._clear_dynamics(nonfinite)
-        self.nonfinite_resets += nonfinite.sum()
+        nonfinite = self._restart_nonfinite_worlds()
         reward = torch.where(nonfinite, torch.zeros_like(reward), reward)
+        self._update_done_flags(fell=self.robot.fallen(self.sim), nonfinite=nonfinite)
 
-        fell = self.robot.fallen(self.sim) | nonfinite
-        timed_out = (self.progress >= self.max_episode_length) & ~fell
-        newly_done = ~self.done_buf & (fell | timed_out)
-        self.terminate_buf |= newly_done & fell
-        self.timeout_buf |= newly_done & timed_out
-        self.done_buf |= newly_done
-        # a non-finite world is reported terminated even if it had already finished
-        self.terminate_buf |= nonfinite
-        self.timeout_buf &= ~nonfinite
-        self.done_buf |= nonfinite
-
-        obs_dict = self.compute_obs()
-        obs = obs_dict["obs"]
-        obs_dict["obs"] = torch.where(nonfinite[:, None], torch.nan_to_num(obs, 0.0, 0.0, 0.0), obs)
+        obs = self.compute_obs()["obs"]
+        obs = torch.where(nonfinite[:, None], torch.nan_to_num(obs, 0.0, 0.0, 0.0), obs)
         extras = {"terminate": self.terminate_buf.clone(), "time_outs": self.timeout_buf.clone(),
                   "nonfinite": nonfinite}
-        return obs_dict, reward, self.done_buf.clone(), extras
+        return {"obs": obs}, reward, self.done_buf.clone(), extras
 
-    def _clear_dynamics(self, mask):
-        for buf in (self.sim.qacc_warmstart, self.sim.qacc):
-            buf.copy_(torch.where(mask[:, None], torch.zeros_like(buf), buf))
-        self.prev_root_pos.copy_(torch.where(mask[:, None], self.sim.qpos[:, 0:3], self.prev_root_pos))
+    def _restart_nonfinite_worlds(self):
+        """A world whose state became NaN / inf goes back to its initial state at once, so NaN never
+        reaches the obs, the solver's warm start or the other worlds. Returns the mask [N]."""
+        nonfinite = ~(torch.isfinite(self.sim.qpos).all(-1) & torch.isfinite(self.sim.qvel).all(-1))
+        mask = nonfinite[:, None]
+        self.sim.qpos.copy_(torch.where(mask, self.initial_qpos, self.sim.qpos))
+        self.sim.qvel.copy_(torch.where(mask, self.initial_qvel, self.sim.qvel))
+        self._clear_dynamics(nonfinite)
+        self.nonfinite_resets += nonfinite.sum()
+        return nonfinite
+
+    def _update_done_flags(self, fell, nonfinite):
+        """Sticky flags: a world that finishes keeps done and its terminate / time_outs of that step
+        until reset_done(). A non-finite world is reported done and terminate even if it had already
+        finished by timeout."""
+        fell = fell | nonfinite
+        timed_out = (self.progress >= self.max_episode_length) & ~fell
+        newly_done = ~self.done_buf & (fell | timed_out)
+        self.terminate_buf |= (newly_done & fell) | nonfinite
+        self.timeout_buf |= newly_done & timed_out
+        self.timeout_buf &= ~nonfinite
+        self.done_buf |= newly_done | nonfinite
 
     def overflowed(self):
         """Bool [N]: the world's contact or constraint buffers overflowed (contacts were dropped)."""

@@ -151,6 +151,7 @@ def test_nonfinite_world_is_reset_and_reported(ant_heading_env):
     assert torch.isfinite(obs_dict["obs"]).all() and torch.isfinite(reward).all()
     assert torch.isfinite(env.sim.qpos).all() and torch.isfinite(env.sim.qvel).all()
     assert int(env.nonfinite_resets) == before + 1
+    assert torch.equal(env.sim.qpos[2], env.initial_qpos[2])  # restarted from its initial state
     assert not torch.equal(env.sim.qpos[[0, 1, 3]], qpos_others)  # the others kept simulating
     env.reset_done()
     assert not env.done_buf.any()
