@@ -175,6 +175,26 @@ def test_observation_is_heading_invariant(env):
     torch.testing.assert_close(humanoid.compute_obs(env.sim), obs_facing_x, atol=1e-5, rtol=0)
 
 
+def test_local_root_obs_puts_the_world_root_rotation_in_the_root_slot(env, monkeypatch):
+    """ASE's localRootObs: the root's 6 rotation numbers are its world tan-norm; the rest unchanged."""
+    set_standing(env)
+    yaw = 1.2
+    env.sim.qpos[:, 3:7] = humanoid.standing_qpos(torch.full((env.num_envs,), yaw))[:, 3:7]
+    env.forward()
+    heading_obs = humanoid.compute_obs(env.sim)
+    monkeypatch.setattr(humanoid, "LOCAL_ROOT_OBS", True)
+    world_root_obs = humanoid.compute_obs(env.sim)
+    root_world_x_axis = torch.tensor([math.cos(yaw), math.sin(yaw), 0.0])
+    torch.testing.assert_close(world_root_obs[:, 43:46], root_world_x_axis.expand(env.num_envs, 3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(world_root_obs[:, 46:49], torch.tensor([0.0, 0.0, 1.0]).expand(env.num_envs, 3),
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(heading_obs[:, 43:46], torch.tensor([1.0, 0.0, 0.0]).expand(env.num_envs, 3),
+                               atol=1e-5, rtol=0)
+    keep = torch.ones(223, dtype=torch.bool)
+    keep[43:49] = False
+    assert torch.equal(world_root_obs[:, keep], heading_obs[:, keep])
+
+
 # ---------------------------------------------------------------- reset and fall test
 def test_reset_is_a_perturbed_standing_pose(env):
     env.reset()
