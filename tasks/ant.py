@@ -68,10 +68,10 @@ def fallen(sim):
     return (up_z < FALL_UP_Z) | (sim.qpos[:, 2] < FALL_HEIGHT)
 
 
-def standing_joint_pos(device):
-    """Midpoints of the joint limits: hips 0, ankles +-50 deg (order hip_1, ankle_1, ...)."""
-    ankle = math.radians(50.0)
-    return torch.tensor([0.0, ankle, 0.0, -ankle, 0.0, -ankle, 0.0, ankle], device=device)
+ANKLE_STANDING = math.radians(50.0)
+# midpoints of the joint limits: hips 0, ankles +-50 deg (order hip_1, ankle_1, ..., hip_4, ankle_4)
+STANDING_JOINT_POS = torch.tensor([0.0, ANKLE_STANDING, 0.0, -ANKLE_STANDING,
+                                   0.0, -ANKLE_STANDING, 0.0, ANKLE_STANDING])
 
 
 def reset_state(sim, reset_mask, generator):
@@ -83,7 +83,7 @@ def reset_state(sim, reset_mask, generator):
     qpos[:, 2] = ROOT_RESET_HEIGHT
     qpos[:, 3] = torch.cos(yaw / 2)
     qpos[:, 6] = torch.sin(yaw / 2)
-    qpos[:, 7:15] = standing_joint_pos(dev) + joint_noise
+    qpos[:, 7:15] = STANDING_JOINT_POS.to(dev, non_blocking=True) + joint_noise
     mask = reset_mask[:, None]
     sim.qpos.copy_(torch.where(mask, qpos, sim.qpos))
     sim.qvel.copy_(torch.where(mask, vel_noise, sim.qvel))

@@ -245,13 +245,17 @@ class BatchedEnv:
         self.sim.overflow.zero_()
 
     def _launch(self, graph, eager_fn):
-        if graph is None:
-            with wp.ScopedDevice(self.wp_device):
+        """Replay `graph` (or call `eager_fn` when not captured). On CUDA both run on torch's current
+        stream, so they are ordered with the torch ops that read and write the same memory."""
+        with wp.ScopedDevice(self.wp_device):
+            if self.device.type == "cuda":
+                stream = wp.stream_from_torch(torch.cuda.current_stream(self.device))
+                with wp.ScopedStream(stream):
+                    wp.capture_launch(graph, stream=stream) if graph is not None else eager_fn()
+            elif graph is not None:
+                wp.capture_launch(graph)
+            else:
                 eager_fn()
-        elif self.device.type == "cuda":  # run on torch's stream so it is ordered with torch ops
-            wp.capture_launch(graph, stream=wp.stream_from_torch(torch.cuda.current_stream(self.device)))
-        else:
-            wp.capture_launch(graph)
 
     def physics_step(self):
         """Advance all worlds by one control step (decimation physics steps)."""
