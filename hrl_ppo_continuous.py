@@ -200,7 +200,7 @@ def check_flags(args: Args):
 def derive(args: Args) -> Derived:
     """Every value derived from the flags, computed in one place."""
     use_cuda = args.cuda and torch.cuda.is_available()
-    device = torch.device("cuda" if use_cuda else "cpu")
+    device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
     flat = (args.llc_checkpoint or "").lower() == "none"
     llc_path = None if flat else (args.llc_checkpoint or os.path.join(REPO_DIR, "checkpoints", f"llc_{args.robot}.pt"))
     llc_steps = 1 if flat else (args.llc_steps or 5)
