@@ -369,12 +369,12 @@ def hierarchical_step(env, llc, high_action, obs, llc_steps: int, task_obs_size:
                 joint_actions = llc.act(obs[:, :llc_obs_size], z)
         obs_dict, task_reward, step_done, extras = env.step(joint_actions)
         obs = obs_dict["obs"]
-        counted = ~done  # this inner step still belongs to the episode
-        task_reward_sum += task_reward * counted
+        counted = ~done  # this inner step still belongs to the episode (where, not *: 0 * NaN = NaN)
+        task_reward_sum += torch.where(counted, task_reward, 0.0)
         control_steps += counted
         if style_weight > 0.0:
             with torch.no_grad():
-                style_reward_sum += llc.style_reward(extras["amp_obs"]) * counted
+                style_reward_sum += torch.where(counted, llc.style_reward(extras["amp_obs"]), 0.0)
         finish_obs = torch.where((step_done & counted).unsqueeze(-1), obs, finish_obs)
         terminate |= extras["terminate"] & counted
         done |= step_done

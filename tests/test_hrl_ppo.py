@@ -387,3 +387,11 @@ def test_video_proxy_captures_every_control_step():
     assert recording_env.get_task_obs_size() == TASK_OBS  # everything else passes through
     hrl.hierarchical_step(recording_env, FakeLLC(), torch.ones(3, LATENT), env.reset()["obs"], 4, TASK_OBS)
     assert recorder.frames == 4
+
+
+def test_rewards_after_the_finish_cannot_leak_even_when_not_finite():
+    rewards, finish, fail = masking_script()
+    rewards[2][1] = float("nan")  # env 1 finished at inner step 2; its later rewards are ignored
+    env = ScriptedEnv(rewards, finish, fail)
+    step = hrl.hierarchical_step(env, FakeLLC(), torch.ones(3, LATENT), env.reset()["obs"], 4, TASK_OBS)
+    assert step.reward.tolist() == [2.5, 2.0, 5.0]
