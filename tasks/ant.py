@@ -1,8 +1,9 @@
 """Ant: torso sphere on four two-link legs, 8 PD-controlled hinge joints (assets/ant.xml).
 
 Control: physics step 0.01 s (MJCF), DECIMATION = 3 physics steps per control step, so
-control_dt = 0.03 s (33.3 Hz, close to ASE's 30 Hz). Action a in [-1, 1] per joint ->
-PD target = midpoint of the joint limits + 0.7 * (hi - lo) * a (ASE's hinge rule); the MJCF
+control_dt = 0.03 s (33.3 Hz, close to ASE's 30 Hz). Why 0.01 s: under random full-range PD targets
+(30 s, C MuJoCo) the worst foot penetration is 4 cm at 0.01 s, 11 cm at 0.02 s and 19 cm at 0.03 s.
+Action a in [-1, 1] per joint -> PD target = midpoint of the joint limits + 0.7 * (hi - lo) * a (ASE's hinge rule); the MJCF
 <position> actuators (kp 100 N m/rad, kv 2 N m s/rad, torque limit 50 N m) apply the PD torque.
 
 Observation (NUM_ROBOT_OBS = 29), all heading-local (world rotated by minus the root's yaw):
