@@ -90,6 +90,22 @@ def test_random_rollout_finite_no_overflow(ant_heading_env, env_checks):
     env_checks.random_rollout_is_finite(ant_heading_env, steps=1000)
 
 
+def test_overflow_is_detected(make_test_env):
+    env = make_test_env("ant", "none", nconmax=1)  # a standing ant has 4 floor contacts
+    env.reset()
+    for _ in range(20):  # the ant drops onto its feet
+        env.step(torch.zeros(4, 8))
+    assert env.overflowed().all()
+
+
+def test_decimation_override(make_test_env):
+    env = make_test_env("ant", "none", decimation=2)
+    assert env.control_dt == pytest.approx(0.02) and env.max_episode_length == 750
+    time_before = env.sim.time.clone()
+    env.step(torch.zeros(4, 8))
+    torch.testing.assert_close(env.sim.time - time_before, torch.full((4,), 0.02), atol=1e-6, rtol=0)
+
+
 def test_matches_c_mujoco(ant_none_env, env_checks):
     # Smooth PD targets (a slow sine per joint) while the ant stands on its four feet. Measured error
     # ~1e-6 over 60 control steps: float32 (MuJoCo Warp) vs float64 (C) rounding. 1e-4 leaves
