@@ -715,13 +715,13 @@ def evaluate(args: Args, derived: Derived, checkpoint: dict):
 
 
 def progress_line(iteration: int, num_iterations: int, iterations_this_session: int, global_step: int, sps: float,
-                  elapsed: float, mean_return) -> str:
+                  elapsed: float, mean_reward: float, mean_return) -> str:
     width = 20
     filled = int(width * iteration / num_iterations)
     eta = elapsed / iterations_this_session * (num_iterations - iteration)
     ret = "n/a" if mean_return is None else f"{mean_return:.2f}"
     return (f"[{'#' * filled}{'.' * (width - filled)}] iter {iteration}/{num_iterations} step {global_step} "
-            f"SPS {sps:.0f} return {ret} ETA {int(eta // 60)}m{int(eta % 60):02d}s")
+            f"SPS {sps:.0f} reward {mean_reward:.3f} return {ret} ETA {int(eta // 60)}m{int(eta % 60):02d}s")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -847,8 +847,8 @@ if __name__ == "__main__":
         if hasattr(env, "nonfinite_resets"):
             metrics["charts/nonfinite_resets"] = env.nonfinite_resets.to(device=device, dtype=torch.float32)
         host_values = torch.cat([torch.stack(list(metrics.values())), episode_stats.take()]).tolist()
-        return_sum, length_sum, episodes = host_values[-3:]
-        for key, value in zip(metrics, host_values):
+        logged, (return_sum, length_sum, episodes) = dict(zip(metrics, host_values)), host_values[-3:]
+        for key, value in logged.items():
             writer.add_scalar(key, value, global_step)
         mean_return = return_sum / episodes if episodes else None
         elapsed = time.time() - start_time
@@ -861,7 +861,8 @@ if __name__ == "__main__":
             writer.add_scalar("charts/episodic_return", mean_return, global_step)
             writer.add_scalar("charts/episodic_length", length_sum / episodes, global_step)
             writer.add_scalar("charts/episodes", episodes, global_step)
-        print(progress_line(iteration, derived.num_iterations, iteration - start_iteration + 1, global_step, sps, elapsed, mean_return), flush=True)
+        print(progress_line(iteration, derived.num_iterations, iteration - start_iteration + 1, global_step, sps, elapsed,
+                            logged["charts/mean_reward"], mean_return), flush=True)
 
         if iteration % args.checkpoint_interval == 0 or iteration == derived.num_iterations or stop_requested:
             save_checkpoint(checkpoint_path, agent, optimizer, args, run_name, global_step, iteration, wandb_run_id)
