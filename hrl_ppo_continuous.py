@@ -36,6 +36,7 @@ if __name__ == "__main__" and requested_backend(sys.argv[1:]) == "isaacgym":
 
 import importlib
 import importlib.util
+import inspect
 import random
 import signal
 import time
@@ -219,14 +220,17 @@ def derive(args: Args) -> Derived:
 # Environment construction (the trainer does not know which simulator it drives)
 # ---------------------------------------------------------------------------------------------
 class IsaacGymEnv:
-    """Adapts an IsaacGymEnvs VecTask to this project's env contract.
+    """Adapts an Isaac Gym VecTask (IsaacGymEnvs, or ASE through --env-factory) to this project's
+    env contract.
 
-    A VecTask returns (obs_dict, reward, reset_buf, extras) with extras["time_outs"] and resets
-    finished envs itself inside a later step(). Here: done = reset_buf, time_outs from extras,
-    terminate = done and not a time-out; the flags are made sticky until reset_done() like the
-    mjwarp envs. reset_done() only clears them: the VecTask has already reset or will reset the
-    env at its next step, so the first high-level decision after an episode may see the terminal
-    observation (as in rl_games and CleanRL)."""
+    step() returns (obs, reward, reset_buf, extras); obs is a dict {"obs": ...} (IsaacGymEnvs) or a
+    tensor (ASE). Here: done = reset_buf; terminate = extras["terminate"] where the task reports it
+    (ASE), else done and not extras["time_outs"] (IsaacGymEnvs); flags sticky until reset_done(),
+    like the mjwarp envs.
+    reset_done(): a task whose reset() takes env_ids (ASE) is asked to reset the finished envs (one
+    host sync per high-level step, as in ASE). IsaacGymEnvs tasks reset finished envs themselves
+    inside their next step(); there reset_done() only clears the flags, and the first high-level
+    decision after an episode may see the terminal observation (as in rl_games and CleanRL)."""
 
     def __init__(self, vec_task):
         self.vec_task = vec_task
@@ -237,6 +241,7 @@ class IsaacGymEnv:
         self.control_dt = float(getattr(vec_task, "dt", 0.0))
         self.max_episode_length = int(getattr(vec_task, "max_episode_length", 0))
         self.robot_name, self.task_name = "isaacgym", type(vec_task).__name__
+        self.resets_by_env_ids = "env_ids" in inspect.signature(vec_task.reset).parameters
         self._done = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
         self._terminate = torch.zeros_like(self._done)
         self._time_outs = torch.zeros_like(self._done)
@@ -247,7 +252,7 @@ class IsaacGymEnv:
         return int(get_size()) if get_size else 0
 
     def reset(self):
-        self._obs_dict = self.vec_task.reset()
+        self._obs_dict = as_obs_dict(self.vec_task.reset())
         self._clear_flags()
         return self._obs_dict
 
@@ -257,20 +262,31 @@ class IsaacGymEnv:
         self._time_outs.zero_()
 
     def step(self, actions):
-        obs_dict, reward, reset_buf, extras = self.vec_task.step(actions)
+        obs, reward, reset_buf, extras = self.vec_task.step(actions)
         finished = reset_buf.to(torch.bool)
-        time_outs = extras.get("time_outs", torch.zeros_like(finished)).to(torch.bool)
+        if "terminate" in extras:  # ASE reports failures itself
+            failed = extras["terminate"].to(torch.bool)
+        else:
+            failed = finished & ~extras.get("time_outs", torch.zeros_like(finished)).to(torch.bool)
         newly_finished = finished & ~self._done
-        self._time_outs |= newly_finished & time_outs
-        self._terminate |= newly_finished & ~time_outs
+        self._terminate |= newly_finished & failed
+        self._time_outs |= newly_finished & ~failed
         self._done |= finished
-        self._obs_dict = obs_dict
+        self._obs_dict = as_obs_dict(obs)
         extras = dict(extras, terminate=self._terminate.clone(), time_outs=self._time_outs.clone())
-        return obs_dict, reward, self._done.clone(), extras
+        return self._obs_dict, reward, self._done.clone(), extras
 
     def reset_done(self):
+        if self.resets_by_env_ids:
+            done_env_ids = self._done.nonzero(as_tuple=False).squeeze(-1)
+            if len(done_env_ids) > 0:
+                self._obs_dict = as_obs_dict(self.vec_task.reset(done_env_ids))
         self._clear_flags()
         return self._obs_dict
+
+
+def as_obs_dict(obs):
+    return obs if isinstance(obs, dict) else {"obs": obs}
 
 
 def make_env(args: Args, derived: Derived, num_envs: int, seed: int):

@@ -48,11 +48,16 @@ def tiny_llc(tmp_path_factory):
     return path
 
 
+SHIPPED_LLC = os.path.join(REPO_DIR, "checkpoints", "llc_ant.pt")
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_llc):
-    """Two iterations of hierarchical PPO on the ant (shared by the resume and eval tests)."""
+    """Two iterations of hierarchical PPO on the ant (shared by the resume and eval tests), with the
+    default LLC (the shipped checkpoints/llc_ant.pt) when it exists, else the tiny one."""
     cwd = tmp_path_factory.mktemp("train")
-    result = run([*TINY, "--llc-checkpoint", tiny_llc, "--total-timesteps", "80"], cwd)
+    llc_flags = [] if os.path.isfile(SHIPPED_LLC) else ["--llc-checkpoint", tiny_llc]
+    result = run([*TINY, *llc_flags, "--total-timesteps", "80"], cwd)
     return cwd, result
 
 

@@ -395,3 +395,32 @@ def test_rewards_after_the_finish_cannot_leak_even_when_not_finite():
     env = ScriptedEnv(rewards, finish, fail)
     step = hrl.hierarchical_step(env, FakeLLC(), torch.ones(3, LATENT), env.reset()["obs"], 4, TASK_OBS)
     assert step.reward.tolist() == [2.5, 2.0, 5.0]
+
+
+class ScriptedASETask:
+    """ASE-style VecTask: obs as a tensor, extras["terminate"], and reset(env_ids) by the caller."""
+
+    def __init__(self):
+        self.num_envs, self.num_obs, self.num_actions, self.rl_device = 3, 4, 2, "cpu"
+        self.reset_calls = []
+
+    def reset(self, env_ids=None):
+        self.reset_calls.append(None if env_ids is None else env_ids.tolist())
+        return torch.zeros(3, 4)
+
+    def step(self, actions):
+        reset = torch.tensor([1, 1, 0])  # env 0 timed out, env 1 fell
+        return torch.ones(3, 4), torch.ones(3), reset, {"terminate": torch.tensor([False, True, False])}
+
+
+def test_isaacgym_adapter_with_an_ase_style_task_resets_finished_envs_by_id():
+    task = ScriptedASETask()
+    env = hrl.IsaacGymEnv(task)
+    assert torch.equal(env.reset()["obs"], torch.zeros(3, 4))
+    obs_dict, _, done, extras = env.step(torch.zeros(3, 2))
+    assert torch.equal(obs_dict["obs"], torch.ones(3, 4))
+    assert done.tolist() == [True, True, False]
+    assert extras["terminate"].tolist() == [False, True, False]
+    assert extras["time_outs"].tolist() == [True, False, False]
+    env.reset_done()
+    assert task.reset_calls == [None, [0, 1]]
