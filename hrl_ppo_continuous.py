@@ -329,6 +329,11 @@ def load_frozen_llc(args: Args, derived: Derived, env):
         raise SystemExit(f"error: {err}")
     if llc.action_dim != env.num_actions:
         raise SystemExit(f"error: LLC {derived.llc_path} outputs {llc.action_dim} actions, env {args.robot}/{args.task} expects {env.num_actions}")
+    trained_robot, trained_dt = llc.metadata.get("robot"), llc.metadata.get("control_dt")
+    if args.env_backend == "mjwarp" and trained_robot not in (None, args.robot):
+        raise SystemExit(f"error: LLC {derived.llc_path} was trained for robot {trained_robot!r}, but --robot is {args.robot!r}")
+    if trained_dt is not None and abs(trained_dt - env.control_dt) > 1e-6:
+        print(f"warning: LLC {derived.llc_path} was trained at control_dt {trained_dt} s, the env steps {env.control_dt} s")
     return llc
 
 
