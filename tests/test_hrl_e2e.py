@@ -100,9 +100,10 @@ def test_eval_checkpoint_prints_a_return(trained_run):
 
 
 def test_flat_baseline_with_wandb_offline(tmp_path):
-    result = run([*TINY, "--llc-checkpoint", "none", "--total-timesteps", "16", "--track"], tmp_path)
+    result = run([*TINY, "--llc-checkpoint", "none", "--total-timesteps", "16", "--track", "--save-model"], tmp_path)
     assert "flat PPO" in result.stdout and "k = 1" in result.stdout
     (run_dir,) = run_dirs(tmp_path)
+    assert os.path.isfile(os.path.join(run_dir, "hrl_ppo_continuous.cleanrl_model"))
     assert saved(run_dir)["global_step"] == 16  # 2 envs x 4 steps x k = 1, two iterations
     assert glob.glob(os.path.join(run_dir, "wandb", "offline-run-*"))
 
