@@ -188,6 +188,11 @@ def check_flags(args: Args):
         available, reason = renderer_available()
         if not available:
             raise SystemExit(f"error: --capture-video: {reason}")
+    if args.env_backend == "mjwarp":
+        from tasks import ROBOTS, TASKS
+
+        if args.robot not in ROBOTS or args.task not in TASKS:
+            raise SystemExit(f"error: --robot {args.robot} --task {args.task}: expected a robot in {ROBOTS} and a task in {TASKS}")
     if args.env_factory and args.env_backend != "isaacgym":
         raise SystemExit(f"error: --env-factory {args.env_factory} is for --env-backend isaacgym; with mjwarp use --robot/--task")
     if args.env_backend == "isaacgym" and "isaacgym" not in sys.modules:
@@ -291,11 +296,8 @@ def as_obs_dict(obs):
 
 def make_env(args: Args, derived: Derived, num_envs: int, seed: int):
     if args.env_backend == "mjwarp":
-        from tasks import ROBOTS, TASKS
         from tasks import make_env as make_mjwarp_env
 
-        if args.robot not in ROBOTS or args.task not in TASKS:
-            raise SystemExit(f"error: --robot {args.robot} --task {args.task}: expected a robot in {ROBOTS} and a task in {TASKS}")
         return make_mjwarp_env(robot=args.robot, task=args.task, num_envs=num_envs, device=str(derived.device), seed=seed)
     if args.env_factory:
         module_name, _, function_name = args.env_factory.partition(":")

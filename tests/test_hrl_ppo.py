@@ -329,6 +329,7 @@ def test_isaacgym_adapter_maps_reset_buf_and_time_outs_onto_the_contract():
     (["--env-factory", "mod:fn"], "--env-factory mod:fn is for --env-backend isaacgym"),
     (["--env-backend", "isaacgym"], "must be given on the command line"),
     (["--llc-steps", "0"], "--llc-steps must be >= 1, got 0"),
+    (["--robot", "spider"], "--robot spider --task heading: expected a robot in"),
     (["--style-reward-weight", "1.5"], "must lie in \\[0, 1\\], got 1.5"),
     (["--eval-checkpoint", "/nonexistent/ckpt.pt"], "checkpoint /nonexistent/ckpt.pt does not exist"),
 ])
