@@ -224,6 +224,18 @@ def latent_to_command(z, projection, max_speed, max_yaw_rate):
     return vel_cmd_heading, yaw_rate_cmd
 
 
+def commanded_displacement(vel_cmd_heading, yaw_rate_cmd, seconds):
+    """Where a constant command leads in `seconds`, in the initial heading frame [N, 2] (m): the
+    heading-frame velocity integrated while the heading turns at the commanded yaw rate,
+    integral_0^T R(w t) v dt = [[sin(wT), cos(wT) - 1], [1 - cos(wT), sin(wT)]] v / w."""
+    small = yaw_rate_cmd.abs() < 1e-6
+    w = torch.where(small, torch.ones_like(yaw_rate_cmd), yaw_rate_cmd)
+    along = torch.where(small, torch.full_like(w, seconds), torch.sin(w * seconds) / w)
+    across = torch.where(small, torch.zeros_like(w), (1 - torch.cos(w * seconds)) / w)
+    vx, vy = vel_cmd_heading[:, 0], vel_cmd_heading[:, 1]
+    return torch.stack([along * vx - across * vy, across * vx + along * vy], -1)
+
+
 def heading_yaw(quat_wxyz):
     """Yaw angle (rad) of the root's x axis projected on the ground plane."""
     w, x, y, z = quat_wxyz.unbind(-1)
@@ -383,11 +395,12 @@ def evaluate_skills(checkpoint_path: str, args: Args, device: torch.device) -> d
               "bin_latents": counts.tolist(), "bin_reach_m": reach.tolist(),
               "median_distance_m": float(distance[standing].median()) if standing.any() else 0.0}
     mapping = llc.metadata.get("skill_mapping")
-    if mapping is not None:  # how well the commanded planar velocity was followed (average over the 5 s)
+    if mapping is not None and standing.any():  # how closely the latents' commands were followed
         projection = torch.tensor(mapping["projection"], device=device)
-        vel_cmd, _ = latent_to_command(z, projection, mapping["max_speed"], mapping["max_yaw_rate"])
-        commanded_distance = vel_cmd.norm(dim=-1) * result["seconds"]
-        result["mean_commanded_distance_m"] = float(commanded_distance[standing].mean()) if standing.any() else 0.0
+        vel_cmd, yaw_rate_cmd = latent_to_command(z, projection, mapping["max_speed"], mapping["max_yaw_rate"])
+        target = commanded_displacement(vel_cmd, yaw_rate_cmd, result["seconds"])[standing]
+        result["mean_commanded_distance_m"] = float(target.norm(dim=-1).mean())
+        result["mean_displacement_error_m"] = float((displacement[standing] - target).norm(dim=-1).mean())
     result["passes_bar"] = result["fall_rate"] < 0.10 and min(result["bin_reach_m"]) >= 1.5
     print_skill_table(result)
     return result
@@ -405,7 +418,8 @@ def print_skill_table(result: dict):
         print(f"{f'[{lo:6.1f}, {hi:6.1f})':>16} | {count:>7d} | {reach:>20.2f}")
     print(f"median distance of the latents that did not fall: {result['median_distance_m']:.2f} m")
     if "mean_commanded_distance_m" in result:
-        print(f"mean commanded distance (speed x time) of those latents: {result['mean_commanded_distance_m']:.2f} m")
+        print(f"command following (those latents): mean |displacement - commanded displacement| "
+              f"{result['mean_displacement_error_m']:.2f} m, mean commanded distance {result['mean_commanded_distance_m']:.2f} m")
     print(f"bar (falls < 10%, >= 1.5 m in every bin): {'PASS' if result['passes_bar'] else 'FAIL'}")
 
 

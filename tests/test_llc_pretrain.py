@@ -178,3 +178,13 @@ def test_train_then_evaluate_end_to_end(tmp_path):
     table_rows = [line for line in out.splitlines() if line.strip().startswith("[") and "|" in line]
     assert len(table_rows) == 8
     assert "10 control steps" in out
+
+
+def test_commanded_displacement_integrates_the_turning_command():
+    vel = torch.tensor([[0.5, 0.0], [0.5, 0.0], [0.0, 0.4]])
+    yaw_rate = torch.tensor([0.0, 2 * math.pi / 4.0, 0.0])
+    displacement = lp.commanded_displacement(vel, yaw_rate, seconds=4.0)
+    # straight: v * T; one full turn: back to the start; sideways: along +y
+    torch.testing.assert_close(displacement, torch.tensor([[2.0, 0.0], [0.0, 0.0], [0.0, 1.6]]), atol=1e-5, rtol=0)
+    half_turn = lp.commanded_displacement(torch.tensor([[1.0, 0.0]]), torch.tensor([math.pi / 2]), seconds=1.0)
+    torch.testing.assert_close(half_turn, torch.tensor([[2 / math.pi, 2 / math.pi]]), atol=1e-5, rtol=0)
