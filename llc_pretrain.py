@@ -477,9 +477,14 @@ if __name__ == "__main__":
     log_std = nn.Parameter(torch.full((action_dim,), args.init_log_std, device=device), requires_grad=args.learn_log_std)
     actor_params = [p for p in model.parameters() if p.requires_grad] + ([log_std] if args.learn_log_std else [])
     optimizer = torch.optim.Adam(actor_params + list(critic.parameters()), lr=args.learning_rate, eps=1e-5)
+    skill_settings = {"latent_dim": latent_dim, "skill_seed": args.skill_seed, "max_speed": max_speed,
+                      "max_yaw_rate": args.max_yaw_rate}
     steps_done_before, wall_time_before = 0, 0.0
     if args.init_from is not None:
         state = torch.load(args.init_from, map_location=device, weights_only=True)
+        if state.get("skill_settings", skill_settings) != skill_settings:  # the skills must mean the same
+            raise ValueError(f"--init-from {args.init_from} was trained with skill settings {state['skill_settings']}, "
+                             f"this run has {skill_settings}: pass the same --latent-dim/--skill-seed/--max-speed/--max-yaw-rate")
         model.load_state_dict(state["model"])
         critic.load_state_dict(state["critic"])
         log_std.data.copy_(state["log_std"])
@@ -507,7 +512,8 @@ if __name__ == "__main__":
         # the PPO state (critic, noise, optimiser) to continue training with --init-from
         tmp_path = train_state_path + ".tmp"
         torch.save({"model": model.state_dict(), "critic": critic.state_dict(), "log_std": log_std.detach(),
-                    "optimizer": optimizer.state_dict(), "global_step": global_step, "wall_time_s": wall_time_s}, tmp_path)
+                    "optimizer": optimizer.state_dict(), "global_step": global_step, "wall_time_s": wall_time_s,
+                    "skill_settings": skill_settings}, tmp_path)
         os.replace(tmp_path, train_state_path)
 
     # storage, allocated once

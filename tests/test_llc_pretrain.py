@@ -188,3 +188,15 @@ def test_commanded_displacement_integrates_the_turning_command():
     torch.testing.assert_close(displacement, torch.tensor([[2.0, 0.0], [0.0, 0.0], [0.0, 1.6]]), atol=1e-5, rtol=0)
     half_turn = lp.commanded_displacement(torch.tensor([[1.0, 0.0]]), torch.tensor([math.pi / 2]), seconds=1.0)
     torch.testing.assert_close(half_turn, torch.tensor([[2 / math.pi, 2 / math.pi]]), atol=1e-5, rtol=0)
+
+
+def test_continuing_with_other_skill_settings_is_refused(tmp_path):
+    state = tmp_path / "state.train.pt"
+    torch.save({"skill_settings": {"latent_dim": 16, "skill_seed": 0, "max_speed": 1.0, "max_yaw_rate": 1.0}}, state)
+    command = [sys.executable, os.path.join(ROOT, "llc_pretrain.py"), "--num-envs", "2", "--num-steps", "4",
+               "--total-timesteps", "8", "--max-speed", "2.0", "--init-from", str(state),
+               "--checkpoint-path", str(tmp_path / "llc.pt")]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "'max_speed': 2.0" in result.stderr and "--max-speed" in result.stderr
+    assert not (tmp_path / "llc.pt").exists()
