@@ -401,6 +401,8 @@ def evaluate_skills(checkpoint_path: str, args: Args, device: torch.device) -> d
         target = commanded_displacement(vel_cmd, yaw_rate_cmd, result["seconds"])[standing]
         result["mean_commanded_distance_m"] = float(target.norm(dim=-1).mean())
         result["mean_displacement_error_m"] = float((displacement[standing] - target).norm(dim=-1).mean())
+        # what a perfect command follower would reach per bin with these latents (the sample's own limit)
+        result["bin_commanded_reach_m"] = reach_per_direction_bin(target)[0].tolist()
     result["passes_bar"] = result["fall_rate"] < 0.10 and min(result["bin_reach_m"]) >= 1.5
     print_skill_table(result)
     return result
@@ -411,12 +413,18 @@ def print_skill_table(result: dict):
           f"latents, each held {result['seconds']:.2f} s ({result['control_steps']} control steps) from reset")
     print(f"falls: {result['falls']}/{result['num_latents']} ({100 * result['fall_rate']:.1f}%)")
     print("direction of displacement relative to the initial heading (0 deg = forward, 90 deg = left)")
-    print(f"{'bin (deg)':>16} | {'latents':>7} | {'max displacement (m)':>20}")
+    commanded = result.get("bin_commanded_reach_m")
+    print(f"{'bin (deg)':>16} | {'latents':>7} | {'max displacement (m)':>20}"
+          + (f" | {'commanded max (m)':>17}" if commanded else ""))
     half = 180.0 / EVAL_DIRECTION_BINS
-    for center, count, reach in zip(result["bin_centers_deg"], result["bin_latents"], result["bin_reach_m"]):
+    for i, (center, count, reach) in enumerate(zip(result["bin_centers_deg"], result["bin_latents"], result["bin_reach_m"])):
         lo, hi = center - half, center + half
-        print(f"{f'[{lo:6.1f}, {hi:6.1f})':>16} | {count:>7d} | {reach:>20.2f}")
+        print(f"{f'[{lo:6.1f}, {hi:6.1f})':>16} | {count:>7d} | {reach:>20.2f}"
+              + (f" | {commanded[i]:>17.2f}" if commanded else ""))
     print(f"median distance of the latents that did not fall: {result['median_distance_m']:.2f} m")
+    if commanded:
+        print("commanded max: the largest commanded displacement (constant command integrated over the time) "
+              "per bin, what a perfect command follower would reach")
     if "mean_commanded_distance_m" in result:
         print(f"command following (those latents): mean |displacement - commanded displacement| "
               f"{result['mean_displacement_error_m']:.2f} m, mean commanded distance {result['mean_commanded_distance_m']:.2f} m")
