@@ -12,7 +12,7 @@ The trainer writes runs/{run_name}/ relative to its working directory, so every 
 with cwd = RUNS_DIR; its console output goes to RUNS_DIR/logs/. RUNS_DIR/runs_summary.json records
 the command, the wall time and the exit status of each run, and the machine.
 
-    python bench/hrl_vs_flat.py --runs-dir /tmp/hrl_vs_flat --total-timesteps 307200 --num-envs 64
+    python bench/hrl_vs_flat.py --runs-dir /tmp/hrl_vs_flat --total-timesteps 409600 --num-envs 64
     python bench/hrl_vs_flat.py --plot-only /tmp/hrl_vs_flat      # rebuild figure and table
 """
 
@@ -50,7 +50,7 @@ def parse_args():
     parser.add_argument("--tasks", nargs="+", default=["heading", "location"])
     parser.add_argument("--methods", nargs="+", default=["hrl", "flat"], choices=sorted(METHOD_FLAGS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    parser.add_argument("--total-timesteps", type=int, default=307200, help="simulator (control) steps per run, the same for every method")
+    parser.add_argument("--total-timesteps", type=int, default=409600, help="simulator (control) steps per run, the same for every method")
     parser.add_argument("--num-envs", type=int, default=64)
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel")
     parser.add_argument("--threads-per-job", type=int, default=1, help="OMP_NUM_THREADS / MKL_NUM_THREADS of each run (1 avoids oversubscribing the cores)")
