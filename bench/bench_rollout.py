@@ -1,0 +1,110 @@
+"""What the trainer's rollout costs on top of the physics, in simulator steps per second.
+
+For each number of worlds N, on the same env (robot, task heading) in the same run:
+    physics   the captured physics graph alone (env.physics_step), the limit to compare against
+    env.step  env.step with fixed random actions (physics + PD targets + obs + reward + flags)
+    rollout   the trainer's rollout loop (hrl_ppo_continuous.py): policy forward pass, the
+              hierarchical step (k LLC forward passes and env.step calls, reward aggregation),
+              bootstrap value, episode statistics, reset_done()
+    flat      the same loop without an LLC (k = 1), as the flat baseline runs it
+    rollout / physics   the fraction of the raw physics speed the trainer keeps
+Simulator steps = control steps x worlds. The policy is untrained (random weights), which costs
+the same as a trained one.
+
+    python bench/bench_rollout.py --robot ant --num-envs 64 256 --high-level-steps 20
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_DIR)
+from bench.bench_sim import cpu_model_name, sync  # noqa: E402
+from hrl_ppo_continuous import Agent, EpisodeStats, bootstrap_value, hierarchical_step  # noqa: E402
+from llc import load_llc  # noqa: E402
+from tasks import ROBOTS, make_env  # noqa: E402
+
+
+def time_steps(step_fn, count, device):
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(count):
+        step_fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def time_physics(env, control_steps):
+    env.reset()
+    env.physics_step()  # warm-up
+    return control_steps * env.num_envs / time_steps(env.physics_step, control_steps, env.device)
+
+
+def time_env_step(env, control_steps):
+    actions = torch.rand(env.num_envs, env.num_actions, device=env.device, generator=torch.Generator(env.device).manual_seed(0)) * 2 - 1
+    env.reset()
+
+    def step():
+        env.step(actions)
+        env.reset_done()
+
+    step()  # warm-up
+    return control_steps * env.num_envs / time_steps(step, control_steps, env.device)
+
+
+def time_rollout(env, llc, high_level_steps):
+    """The body of the trainer's rollout loop, `high_level_steps` times (storage writes left out)."""
+    llc_steps = 1 if llc is None else 5
+    action_size = env.num_actions if llc is None else llc.latent_dim
+    agent = Agent(env.num_obs, action_size).to(env.device)
+    stats = EpisodeStats(env.num_envs, env.device)
+    task_obs_size = env.get_task_obs_size()
+    state = {"obs": env.reset()["obs"]}
+
+    def high_level_step():
+        with torch.no_grad():
+            action, _, _, normalized_value, _ = agent.get_action_and_value(state["obs"])
+            agent.denormalize_value(normalized_value)
+        result = hierarchical_step(env, llc, action, state["obs"], llc_steps, task_obs_size)
+        bootstrap_value(agent, result)
+        stats.update(result)
+        state["obs"] = env.reset_done()["obs"]
+
+    high_level_step()  # warm-up
+    return high_level_steps * llc_steps * env.num_envs / time_steps(high_level_step, high_level_steps, env.device)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--robot", default="ant", choices=ROBOTS)
+    parser.add_argument("--llc-checkpoint", default=None, help="default checkpoints/llc_{robot}.pt")
+    parser.add_argument("--num-envs", nargs="+", type=int, default=None,
+                        help="worlds (default 1 64 256, plus 1024 4096 16384 on CUDA)")
+    parser.add_argument("--high-level-steps", type=int, default=20, help="timed high-level steps (x 5 control steps)")
+    parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    llc_path = args.llc_checkpoint or os.path.join(REPO_DIR, "checkpoints", f"llc_{args.robot}.pt")
+    llc = load_llc(llc_path, device=args.device)
+    num_envs = args.num_envs or ([1, 64, 256] + ([1024, 4096, 16384] if args.device.startswith("cuda") else []))
+    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else cpu_model_name()
+    control_steps = args.high_level_steps * 5
+    print(f"device {args.device} ({device_name}), {os.cpu_count()} CPU cores, torch {torch.__version__} with "
+          f"{torch.get_num_threads()} threads; robot {args.robot}, task heading, LLC {os.path.relpath(llc_path)}, "
+          f"k = 5, {control_steps} control steps per measurement")
+    print(f"{'N':>6} {'physics':>10} {'env.step':>10} {'rollout':>10} {'flat':>10} {'rollout / physics':>18}  (simulator steps/s)")
+    for n in num_envs:
+        env = make_env(args.robot, "heading", n, device=args.device, seed=0)
+        physics = time_physics(env, control_steps)
+        env_step = time_env_step(env, control_steps)
+        rollout = time_rollout(env, llc, args.high_level_steps)
+        flat = time_rollout(env, None, control_steps)
+        print(f"{n:>6} {physics:>10,.0f} {env_step:>10,.0f} {rollout:>10,.0f} {flat:>10,.0f} {rollout / physics:>18.2f}", flush=True)
+        del env
+
+
+if __name__ == "__main__":
+    main()
