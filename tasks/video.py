@@ -16,6 +16,7 @@ or display needed). MUJOCO_GL=osmesa (package libosmesa6) works too.
     recorder.close()
 
 Command line (random actions): python -m tasks.video --robot ant --task heading --steps 300 --out ant.mp4
+An MP4 to a small animated GIF (for a README): python -m tasks.video --to-gif in.mp4 out.gif
 """
 
 import argparse
@@ -121,6 +122,19 @@ def record_rollout(env, path, steps, policy=None, world=0, **recorder_kwargs):
     return recorder.num_frames
 
 
+def mp4_to_gif(mp4_path, gif_path, frame_stride=2, downscale=2, max_seconds=None):
+    """Write every `frame_stride`-th frame of an MP4, each side divided by `downscale`, as a looping
+    GIF that plays at the MP4's speed; `max_seconds` keeps only the start. Returns the frame count."""
+    reader = imageio.get_reader(mp4_path)
+    fps = reader.get_meta_data()["fps"]
+    last = None if max_seconds is None else int(max_seconds * fps)
+    frames = [frame[::downscale, ::downscale] for i, frame in enumerate(reader)
+              if i % frame_stride == 0 and (last is None or i < last)]
+    reader.close()
+    imageio.mimsave(gif_path, frames, duration=1000.0 * frame_stride / fps, loop=0)  # duration: ms per frame
+    return len(frames)
+
+
 if __name__ == "__main__":
     from tasks import ROBOTS, TASKS, make_env
 
@@ -133,7 +147,13 @@ if __name__ == "__main__":
     parser.add_argument("--out", default="videos/rollout.mp4")
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--to-gif", nargs=2, metavar=("MP4", "GIF"), help="convert a recorded MP4 to a GIF instead")
+    parser.add_argument("--gif-seconds", type=float, default=None, help="with --to-gif: keep only the first seconds")
     args = parser.parse_args()
+    if args.to_gif:
+        frames = mp4_to_gif(*args.to_gif, max_seconds=args.gif_seconds)
+        print(f"wrote {frames} frames to {args.to_gif[1]}")
+        raise SystemExit(0)
     env = make_env(args.robot, args.task, args.num_envs, device="cpu", seed=args.seed)
     frames = record_rollout(env, args.out, args.steps, width=args.width, height=args.height)
     print(f"wrote {frames} frames to {args.out}")

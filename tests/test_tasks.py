@@ -257,6 +257,10 @@ def test_video_records_mp4(ant_location_env, tmp_path):
     assert len(images) == 9 and images[0].shape == (120, 160, 3)
     assert images[0].std() > 0  # not a blank image
     assert not (images[0] == images[-1]).all()  # the robot moved
+    gif_path = tmp_path / "ant.gif"
+    assert video.mp4_to_gif(str(path), str(gif_path), frame_stride=2, downscale=2) == 5  # frames 0, 2, 4, 6, 8
+    gif_frames = list(imageio.get_reader(str(gif_path)))
+    assert len(gif_frames) == 5 and gif_frames[0].shape[:2] == (60, 80)
     with pytest.raises(ValueError, match="world 7 out of range"):
         video.VideoRecorder(ant_location_env, str(tmp_path / "x.mp4"), world=7)
 
