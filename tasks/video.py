@@ -149,9 +149,10 @@ if __name__ == "__main__":
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--to-gif", nargs=2, metavar=("MP4", "GIF"), help="convert a recorded MP4 to a GIF instead")
     parser.add_argument("--gif-seconds", type=float, default=None, help="with --to-gif: keep only the first seconds")
+    parser.add_argument("--gif-stride", type=int, default=2, help="with --to-gif: keep every this many frames")
     args = parser.parse_args()
     if args.to_gif:
-        frames = mp4_to_gif(*args.to_gif, max_seconds=args.gif_seconds)
+        frames = mp4_to_gif(*args.to_gif, frame_stride=args.gif_stride, max_seconds=args.gif_seconds)
         print(f"wrote {frames} frames to {args.to_gif[1]}")
         raise SystemExit(0)
     env = make_env(args.robot, args.task, args.num_envs, device="cpu", seed=args.seed)
