@@ -1,0 +1,39 @@
+"""The benchmarks run and print their tables (tiny sizes; no timing is asserted, only that every
+measured rate is a positive number beside its reference)."""
+import os
+import re
+import subprocess
+import sys
+
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_bench(script, *args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, os.path.join(REPO_DIR, "bench", script), *args], cwd=REPO_DIR, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def table_row(stdout, first_columns):
+    """The numbers of the table row that starts with `first_columns` (thousands separators removed)."""
+    for line in stdout.splitlines():
+        if line.split()[: len(first_columns)] == first_columns:
+            return [float(value.replace(",", "")) for value in line.split()[len(first_columns):]]
+    raise AssertionError(f"no row {first_columns} in:\n{stdout}")
+
+
+def test_bench_sim_prints_warp_and_c_mujoco_rates():
+    stdout = run_bench("bench_sim.py", "--robots", "ant", "--num-envs", "2", "--steps", "3", "--warmup", "1", "--threads", "1")
+    physics, env_step, c_mujoco, ratio = table_row(stdout, ["ant", "2"])
+    assert min(physics, env_step, c_mujoco) > 0
+    assert abs(ratio - physics / c_mujoco) < 0.01 + 0.01 * ratio
+
+
+def test_bench_rollout_prints_the_trainer_loop_beside_the_physics():
+    stdout = run_bench("bench_rollout.py", "--num-envs", "2", "--high-level-steps", "1")
+    assert re.search(r"LLC checkpoints/llc_ant\.pt, k = 5", stdout)
+    physics, env_step, rollout, flat, ratio = table_row(stdout, ["2"])
+    assert min(physics, env_step, rollout, flat) > 0
+    assert abs(ratio - rollout / physics) < 0.01 + 0.01 * ratio
