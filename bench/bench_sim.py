@@ -1,14 +1,19 @@
 """Simulator throughput: MuJoCo Warp batched env vs plain C MuJoCo on the same model, same run.
 
 For each robot and number of worlds N it prints
-    physics  world-steps/s  of the captured physics graph alone (decimation physics steps per replay)
-    env      control steps/s of env.step (physics + obs + reward + done bookkeeping), x N worlds
+    physics  world-steps/s  of the captured physics graph alone (decimation physics steps per replay;
+             the PD targets written before each replay)
+    env      control steps/s of env.step (physics + obs + reward + done bookkeeping), x N worlds,
+             with reset_done() every 5 control steps as the trainer calls it
     C        world-steps/s  of plain C MuJoCo (mujoco.rollout, one thread per CPU core) from the same
              initial states with the same PD targets held for each control step
     ratio    physics / C
     eager    (with --eager) world-steps/s of the same physics stepped eagerly, kernel by kernel,
              instead of replaying the captured graph
 Random actions in [-1, 1]; N = 1, 64, 256 on CPU, plus 1024, 4096, 16384 when CUDA is available.
+Physics and C MuJoCo restart from reset states every --reset-every control steps (default 30, 1 s):
+a humanoid left lying on the floor under random full-range PD targets for several seconds becomes
+numerically unstable in both engines, and timing exploded worlds measures nothing useful.
 
     python bench/bench_sim.py --robots ant --num-envs 1 64 256 --steps 200
 """
@@ -32,24 +37,35 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_warp(env, steps, warmup):
+def time_warp(env, steps, warmup, reset_every):
+    """Physics alone, then env.step, on the same random actions. Worlds restart from a reset every
+    `reset_every` control steps (untimed) for the physics, and env.step runs with reset_done() every
+    5 control steps as the trainer calls it: both measure bodies moving from reset, not worlds that
+    have fallen and lain on the floor under random actions for many seconds."""
     generator = torch.Generator(device=env.device).manual_seed(0)
     actions = torch.rand(steps + warmup, env.num_envs, env.num_actions, device=env.device, generator=generator) * 2 - 1
     env.reset()
     for t in range(warmup):
         env.step(actions[t])
-    sync(env.device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        env.physics_step()
-    sync(env.device)
-    physics_rate = steps * env.decimation * env.num_envs / (time.perf_counter() - start)
+    elapsed = 0.0
+    for first in range(0, steps, reset_every):
+        env.reset()
+        sync(env.device)
+        start = time.perf_counter()
+        for t in range(first, min(first + reset_every, steps)):
+            env.sim.ctrl.copy_(env.pd_offset + env.pd_scale * actions[warmup + t])
+            env.physics_step()
+        sync(env.device)
+        elapsed += time.perf_counter() - start
+    physics_rate = steps * env.decimation * env.num_envs / elapsed
 
     env.reset()
     sync(env.device)
     start = time.perf_counter()
     for t in range(steps):
         env.step(actions[warmup + t])
+        if (t + 1) % 5 == 0:
+            env.reset_done()
     sync(env.device)
     control_rate = steps * env.num_envs / (time.perf_counter() - start)
     return physics_rate, control_rate, actions[warmup:]
@@ -65,8 +81,9 @@ def time_eager_physics(env, steps):
     return steps * env.decimation * env.num_envs / (time.perf_counter() - start)
 
 
-def time_c_mujoco(env, actions, nthread):
-    """Plain C MuJoCo on the env's MjModel: the same initial states, the same PD targets."""
+def time_c_mujoco(env, actions, nthread, reset_every):
+    """Plain C MuJoCo on the env's MjModel: initial states from the env's reset, the same PD targets
+    held for each control step, restarted from those states every `reset_every` control steps."""
     mjm, n = env.mjm, env.num_envs
     env.reset()
     spec = mujoco.mjtState.mjSTATE_FULLPHYSICS
@@ -79,11 +96,14 @@ def time_c_mujoco(env, actions, nthread):
     pd_targets = (env.pd_offset + env.pd_scale * actions).double().cpu().numpy()  # [steps, N, nu]
     control = np.repeat(pd_targets.transpose(1, 0, 2), env.decimation, axis=1)  # [N, steps * decimation, nu]
     datas = [mujoco.MjData(mjm) for _ in range(nthread)]
+    chunk = reset_every * env.decimation
+    elapsed = 0.0
     with rollout.Rollout(nthread=nthread) as pool:
         pool.rollout(mjm, datas, initial_state[:, :], control[:, :2])  # warm-up (thread pool start)
-        start = time.perf_counter()
-        pool.rollout(mjm, datas, initial_state, control)
-        elapsed = time.perf_counter() - start
+        for first in range(0, control.shape[1], chunk):
+            start = time.perf_counter()
+            pool.rollout(mjm, datas, initial_state, control[:, first : first + chunk])
+            elapsed += time.perf_counter() - start
     return control.shape[0] * control.shape[1] / elapsed
 
 
@@ -105,6 +125,7 @@ def main():
                         help="worlds per env (default 1 64 256, plus 1024 4096 16384 on CUDA)")
     parser.add_argument("--steps", type=int, default=200, help="timed control steps per measurement")
     parser.add_argument("--warmup", type=int, default=20, help="untimed control steps first")
+    parser.add_argument("--reset-every", type=int, default=30, help="physics and C MuJoCo restart from a reset every this many control steps")
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="C MuJoCo rollout threads")
     parser.add_argument("--no-reference", action="store_true", help="skip the C MuJoCo reference")
@@ -113,15 +134,15 @@ def main():
     num_envs = args.num_envs or ([1, 64, 256] + ([1024, 4096, 16384] if args.device.startswith("cuda") else []))
     device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else cpu_model_name()
     print(f"device {args.device} ({device_name}), {os.cpu_count()} CPU cores, {args.steps} control steps, "
-          f"C MuJoCo {mujoco.__version__} with {args.threads} threads")
+          f"C MuJoCo {mujoco.__version__} with {args.threads} threads, restart every {args.reset_every} control steps")
     header = f"{'robot':>8} {'N':>6} {'physics world-steps/s':>22} {'env control steps/s':>20} " \
              f"{'C MuJoCo world-steps/s':>23} {'ratio':>7}" + (f" {'eager world-steps/s':>20}" if args.eager else "")
     print(header)
     for robot in args.robots:
         for n in num_envs:
             env = make_env(robot, "none", n, device=args.device, seed=0)
-            physics_rate, control_rate, actions = time_warp(env, args.steps, args.warmup)
-            c_rate = float("nan") if args.no_reference else time_c_mujoco(env, actions, args.threads)
+            physics_rate, control_rate, actions = time_warp(env, args.steps, args.warmup, args.reset_every)
+            c_rate = float("nan") if args.no_reference else time_c_mujoco(env, actions, args.threads, args.reset_every)
             eager = f" {time_eager_physics(env, max(1, args.steps // 4)):>20,.0f}" if args.eager else ""
             print(f"{robot:>8} {n:>6} {physics_rate:>22,.0f} {control_rate:>20,.0f} {c_rate:>23,.0f} "
                   f"{physics_rate / c_rate:>7.2f}{eager}", flush=True)
