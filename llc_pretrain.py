@@ -9,7 +9,7 @@ Random latents therefore cover every walking direction, a uniform range of speed
 rates, and a high-level policy can steer the frozen LLC by choosing z.
 
 Train (control steps counted over all worlds):
-    python llc_pretrain.py --robot ant --num-envs 128 --total-timesteps 6000000 --checkpoint-path checkpoints/llc_ant.pt
+    python llc_pretrain.py --robot ant --num-envs 128 --total-timesteps 8331264 --checkpoint-path checkpoints/llc_ant.pt
 Evaluate the skills of a checkpoint (64 latents held 5 s each, fall rate and reach per direction):
     python llc_pretrain.py --evaluate checkpoints/llc_ant.pt
 """
