@@ -638,9 +638,14 @@ def save_checkpoint(path: str, agent, optimizer, args: Args, run_name: str, glob
 
 
 def load_checkpoint(path: str) -> dict:
+    from llc import LLCCheckpointError, read_checkpoint  # torch.load(weights_only=True) with clear errors
+
     if not os.path.isfile(path):
         raise SystemExit(f"error: checkpoint {path} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = read_checkpoint(path)
+    except LLCCheckpointError as err:  # truncated, random bytes, pickled objects
+        raise SystemExit(f"error: checkpoint {err}")
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != "hrl_ppo_checkpoint":
         raise SystemExit(f"error: {path} is not a checkpoint written by hrl_ppo_continuous.py (format 'hrl_ppo_checkpoint')")
     return checkpoint
