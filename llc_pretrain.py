@@ -30,7 +30,7 @@ import torch.nn as nn
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 
-from llc import build_llc, load_llc, save_llc
+from llc import LLCCheckpointError, build_llc, load_llc, read_checkpoint, save_llc
 from tasks import ROBOTS, make_env
 
 
@@ -433,22 +433,41 @@ def print_skill_table(result: dict):
 
 # ---------------------------------------------------------------------------------------------
 # Training
-# ---------------------------------------------------------------------------------------------
+def read_train_state(path: str, skill_settings: dict) -> dict:
+    """The training state to continue from (--init-from), checked before anything is built: a
+    readable torch file, trained with the same skill settings (the latents must mean the same)."""
+    try:
+        state = read_checkpoint(path)
+    except LLCCheckpointError as err:
+        raise SystemExit(f"error: --init-from {err}")
+    if state.get("skill_settings", skill_settings) != skill_settings:
+        raise SystemExit(f"error: --init-from {path} was trained with skill settings {state['skill_settings']}, "
+                         f"this run has {skill_settings}: pass the same --latent-dim/--skill-seed/--max-speed/--max-yaw-rate")
+    return state
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
     if args.evaluate is not None:
-        evaluate_skills(args.evaluate, args, device)
+        try:
+            evaluate_skills(args.evaluate, args, device)
+        except LLCCheckpointError as err:
+            raise SystemExit(f"error: --evaluate {err}")
         sys.exit(0)
 
+    # every check before anything is built or written
     if args.robot not in ROBOTS:
-        raise ValueError(f"--robot {args.robot!r} is not one of {ROBOTS}")
+        raise SystemExit(f"error: --robot {args.robot!r} is not one of {ROBOTS}")
     latent_dim = args.latent_dim if args.latent_dim is not None else DEFAULT_LATENT_DIM[args.robot]
     max_speed = args.max_speed if args.max_speed is not None else DEFAULT_MAX_SPEED[args.robot]
     if not 1 <= args.latent_hold_min < args.latent_hold_max:
-        raise ValueError(f"latent hold range [{args.latent_hold_min}, {args.latent_hold_max}) must satisfy 1 <= min < max")
+        raise SystemExit(f"error: latent hold range [{args.latent_hold_min}, {args.latent_hold_max}) must satisfy 1 <= min < max")
+    skill_settings = {"latent_dim": latent_dim, "skill_seed": args.skill_seed, "max_speed": max_speed,
+                      "max_yaw_rate": args.max_yaw_rate}
+    init_state = read_train_state(args.init_from, skill_settings) if args.init_from is not None else None
     args.batch_size = int(args.num_envs * args.num_steps)
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
     args.num_iterations = max(1, args.total_timesteps // args.batch_size)
@@ -485,19 +504,13 @@ if __name__ == "__main__":
     log_std = nn.Parameter(torch.full((action_dim,), args.init_log_std, device=device), requires_grad=args.learn_log_std)
     actor_params = [p for p in model.parameters() if p.requires_grad] + ([log_std] if args.learn_log_std else [])
     optimizer = torch.optim.Adam(actor_params + list(critic.parameters()), lr=args.learning_rate, eps=1e-5)
-    skill_settings = {"latent_dim": latent_dim, "skill_seed": args.skill_seed, "max_speed": max_speed,
-                      "max_yaw_rate": args.max_yaw_rate}
     steps_done_before, wall_time_before = 0, 0.0
-    if args.init_from is not None:
-        state = torch.load(args.init_from, map_location=device, weights_only=True)
-        if state.get("skill_settings", skill_settings) != skill_settings:  # the skills must mean the same
-            raise ValueError(f"--init-from {args.init_from} was trained with skill settings {state['skill_settings']}, "
-                             f"this run has {skill_settings}: pass the same --latent-dim/--skill-seed/--max-speed/--max-yaw-rate")
-        model.load_state_dict(state["model"])
-        critic.load_state_dict(state["critic"])
-        log_std.data.copy_(state["log_std"])
-        optimizer.load_state_dict(state["optimizer"])
-        steps_done_before, wall_time_before = int(state["global_step"]), float(state["wall_time_s"])
+    if init_state is not None:
+        model.load_state_dict(init_state["model"])
+        critic.load_state_dict(init_state["critic"])
+        log_std.data.copy_(init_state["log_std"])
+        optimizer.load_state_dict(init_state["optimizer"])
+        steps_done_before, wall_time_before = int(init_state["global_step"]), float(init_state["wall_time_s"])
 
     metadata = {
         "robot": args.robot, **env_control_settings(env),

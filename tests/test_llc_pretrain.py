@@ -200,3 +200,14 @@ def test_continuing_with_other_skill_settings_is_refused(tmp_path):
     assert result.returncode != 0
     assert "'max_speed': 2.0" in result.stderr and "--max-speed" in result.stderr
     assert not (tmp_path / "llc.pt").exists()
+
+
+def test_unreadable_init_from_fails_before_anything_is_written(tmp_path):
+    state = tmp_path / "state.train.pt"
+    state.write_bytes(b"not a torch file")
+    command = [sys.executable, os.path.join(ROOT, "llc_pretrain.py"), "--num-envs", "2", "--total-timesteps", "8",
+               "--init-from", str(state), "--checkpoint-path", str(tmp_path / "llc.pt")]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert f"error: --init-from {state}: not a" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "llc.pt").exists()
