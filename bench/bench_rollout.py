@@ -28,6 +28,8 @@ from hrl_ppo_continuous import Agent, EpisodeStats, bootstrap_value, hierarchica
 from llc import load_llc  # noqa: E402
 from tasks import ROBOTS, make_env  # noqa: E402
 
+LLC_STEPS = 5  # k, the trainer's default
+
 
 def time_steps(step_fn, count, device):
     sync(device)
@@ -58,7 +60,7 @@ def time_env_step(env, control_steps):
 
 def time_rollout(env, llc, high_level_steps):
     """The body of the trainer's rollout loop, `high_level_steps` times (storage writes left out)."""
-    llc_steps = 1 if llc is None else 5
+    llc_steps = 1 if llc is None else LLC_STEPS
     action_size = env.num_actions if llc is None else llc.latent_dim
     agent = Agent(env.num_obs, action_size).to(env.device)
     stats = EpisodeStats(env.num_envs, env.device)
@@ -84,17 +86,17 @@ def main():
     parser.add_argument("--llc-checkpoint", default=None, help="default checkpoints/llc_{robot}.pt")
     parser.add_argument("--num-envs", nargs="+", type=int, default=None,
                         help="worlds (default 1 64 256, plus 1024 4096 16384 on CUDA)")
-    parser.add_argument("--high-level-steps", type=int, default=20, help="timed high-level steps (x 5 control steps)")
+    parser.add_argument("--high-level-steps", type=int, default=20, help=f"timed high-level steps (x {LLC_STEPS} control steps)")
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     llc_path = args.llc_checkpoint or os.path.join(REPO_DIR, "checkpoints", f"llc_{args.robot}.pt")
     llc = load_llc(llc_path, device=args.device)
     num_envs = args.num_envs or ([1, 64, 256] + ([1024, 4096, 16384] if args.device.startswith("cuda") else []))
     device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else cpu_model_name()
-    control_steps = args.high_level_steps * 5
+    control_steps = args.high_level_steps * LLC_STEPS
     print(f"device {args.device} ({device_name}), {os.cpu_count()} CPU cores, torch {torch.__version__} with "
           f"{torch.get_num_threads()} threads; robot {args.robot}, task heading, LLC {os.path.relpath(llc_path)}, "
-          f"k = 5, {control_steps} control steps per measurement")
+          f"k = {LLC_STEPS}, {control_steps} control steps per measurement")
     print(f"{'N':>6} {'physics':>10} {'env.step':>10} {'rollout':>10} {'flat':>10} {'rollout / physics':>18}  (simulator steps/s)")
     for n in num_envs:
         env = make_env(args.robot, "heading", n, device=args.device, seed=0)
