@@ -20,6 +20,7 @@ import datetime
 import os
 import pickle
 import re
+import shlex
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -333,6 +334,44 @@ def cpu_state(module):
     return {key: value.detach().cpu().clone() for key, value in module.state_dict().items()}
 
 
+REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def repo_relative(path_text: str) -> str:
+    """An absolute path -> the same path relative to the repository root (`../` where it lies outside);
+    anything else unchanged. Checkpoints travel between machines: they must not carry this one's paths."""
+    if not os.path.isabs(path_text):
+        return path_text
+    return os.path.relpath(path_text, REPO_DIR)
+
+
+def portable_command(argv) -> str:
+    """The command line `argv` (sys.argv: script, then its arguments) as a user reruns it from the
+    repository root: `python`, not this machine's interpreter path, and repository-relative paths
+    (also inside `--flag=/abs/path`)."""
+    def portable(arg):
+        flag, eq, value = arg.partition("=")
+        return f"{flag}={repo_relative(value)}" if eq and flag.startswith("-") else repo_relative(arg)
+
+    return shlex.join(["python"] + [portable(arg) for arg in argv])
+
+
+def portable_metadata(value, key=None):
+    """`value` with every absolute path made repository-relative: strings that are a path, and the
+    arguments of a command line stored under the key "command" (its interpreter becomes `python`)."""
+    if isinstance(value, Mapping):
+        return {k: portable_metadata(item, k) for k, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(portable_metadata(item) for item in value)
+    if isinstance(value, str) and key == "command":
+        tokens = shlex.split(value)
+        is_interpreter = tokens and os.path.basename(tokens[0]).startswith("python")
+        return portable_command(tokens[1:] if is_interpreter else tokens)
+    if isinstance(value, str) and os.path.isabs(value) and not any(c.isspace() for c in value):
+        return repo_relative(value)
+    return value
+
+
 def save_llc(path, model, metadata):
     """Write `model` (a LowLevelController) in the native format, atomically.
 
@@ -340,6 +379,7 @@ def save_llc(path, model, metadata):
     action scale), command, seed, steps, wall_time_s, hardware.
     """
     check_plain(metadata, "metadata")
+    metadata = portable_metadata(metadata)  # no paths of this machine in a file that is shared
     checkpoint = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
@@ -347,7 +387,7 @@ def save_llc(path, model, metadata):
         "actor": cpu_state(model.actor),
         "obs_normalizer": cpu_state(model.obs_normalizer),
         "discriminator": None,
-        "metadata": dict(metadata),
+        "metadata": metadata,
         "saved": {"torch": str(torch.__version__),
                   "time_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")},
     }

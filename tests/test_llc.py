@@ -368,6 +368,41 @@ def test_save_rejects_non_plain_metadata(tmp_path):
     assert not (tmp_path / "llc.pt").exists()
 
 
+def test_saved_metadata_holds_no_absolute_path_of_this_machine(tmp_path):
+    """A shipped checkpoint must not carry this machine's interpreter, repository or run paths: the
+    training command is stored as a user reruns it from the repository root."""
+    from llc import REPO_DIR, portable_command
+
+    script = os.path.join(REPO_DIR, "llc_pretrain.py")
+    run_file = str(tmp_path / "runs" / "llc.pt")
+    command = portable_command([script, "--robot", "ant", "--checkpoint-path", run_file,
+                                f"--init-from={REPO_DIR}/checkpoints/llc_ant.train.pt"])
+    metadata = {"command": f"{sys.executable} {script} --checkpoint-path {run_file}", "continued_from": run_file,
+                "nested": {"paths": [os.path.join(REPO_DIR, "checkpoints", "x.pt")]}, "formula": "v / |v|"}
+    path = tmp_path / "llc.pt"
+    save_llc(str(path), build_llc(5, 4, 3, hidden=(8,), style_hidden=(8,), style_dim=4), metadata)
+    saved = load_llc(str(path)).metadata
+    for text in (command, saved["command"]):
+        assert text.startswith("python llc_pretrain.py ") and sys.executable not in text
+    assert "--init-from=checkpoints/llc_ant.train.pt" in command
+    stored = repr(saved)
+    assert sys.executable not in stored and REPO_DIR not in stored
+    tokens = [token.strip("'\"[],:") for token in stored.replace("=", " ").split()]
+    assert not [token for token in tokens if token.startswith("/") and len(token) > 1]
+    assert saved["continued_from"] == os.path.relpath(run_file, REPO_DIR)
+    assert saved["nested"]["paths"] == [os.path.join("checkpoints", "x.pt")] and saved["formula"] == "v / |v|"
+
+
+def test_shipped_checkpoints_hold_no_absolute_paths():
+    """Every string in the shipped checkpoints' metadata is free of absolute paths."""
+    shipped = sorted((REPO_ROOT / "checkpoints").glob("*.pt"))
+    assert shipped
+    for path in shipped:
+        metadata = torch.load(path, weights_only=True).get("metadata", {})
+        strings = [v for v in metadata.values() if isinstance(v, str)]
+        assert not any(token.startswith("/") for text in strings for token in text.split()), (path, strings)
+
+
 def test_native_newer_version_is_refused(tmp_path):
     path = tmp_path / "future.pt"
     save_llc(path, trained_llc("mlp"), {})
