@@ -51,11 +51,22 @@ import tyro
 from torch.distributions.normal import Normal
 from torch.utils.tensorboard import SummaryWriter
 
+from typing_extensions import Annotated  # typing.Annotated needs Python 3.9; Isaac Gym runs on 3.8
+
+from tasks import ROBOTS, TASKS  # names only: robot and task modules load lazily
+
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def default_is(text: str):
+    """--help shows `(default: text)` for a flag whose None default is resolved at start-up."""
+    return tyro.conf.arg(help_behavior_hint=f"(default: {text})")
 
 
 @dataclass
 class Args:
+    """Hierarchical PPO: a high-level policy picks the latent of a frozen low-level controller every k simulator steps."""
+
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
@@ -78,26 +89,29 @@ class Args:
     # Environment and low-level controller
     env_backend: Literal["mjwarp", "isaacgym"] = "mjwarp"
     """simulator: `mjwarp` (tasks/, MuJoCo Warp) or `isaacgym` (Isaac Gym Preview 4 + IsaacGymEnvs)"""
-    robot: str = "ant"
-    """robot (mjwarp: one of tasks.ROBOTS); names the default LLC checkpoint checkpoints/llc_{robot}.pt"""
-    task: str = "heading"
-    """task (mjwarp: one of tasks.TASKS; isaacgym: the task name given to isaacgymenvs.make)"""
+    robot: Annotated[str, tyro.conf.arg(help=f"robot, one of {', '.join(ROBOTS)} (isaacgym: any name); names "
+                                             "the default LLC checkpoint checkpoints/llc_{robot}.pt")] = "ant"
+    task: Annotated[str, tyro.conf.arg(help=f"task, one of {', '.join(TASKS)} (isaacgym: the task name given "
+                                            "to isaacgymenvs.make)")] = "heading"
+    sim_verbose: bool = False
+    """let the simulator print its own messages (MuJoCo Warp's banner and kernel loading)"""
     env_factory: Optional[str] = None
     """`module:function` building the env instead (called with task, num_envs, seed, sim_device, rl_device, graphics_device_id, headless); isaacgym backend only"""
-    num_envs: Optional[int] = None
-    """number of parallel environments (default: 4096 on CUDA, 64 on the CPU)"""
-    llc_checkpoint: Optional[str] = None
-    """frozen LLC checkpoint (native or ASE/rl_games); default checkpoints/llc_{robot}.pt; `none` = flat PPO on joint actions (k = 1)"""
+    num_envs: Annotated[Optional[int], default_is("4096 on CUDA, 64 on the CPU")] = None
+    """number of parallel environments"""
+    llc_checkpoint: Annotated[Optional[str], default_is("checkpoints/llc_{robot}.pt")] = None
+    """frozen LLC checkpoint (native or ASE/rl_games); `none` = flat PPO on joint actions (k = 1)"""
     llc_config: Optional[str] = None
     """ASE training yaml of an rl_games LLC checkpoint, to cross-check its network sizes"""
-    llc_steps: Optional[int] = None
-    """k: simulator (control) steps per high-level action (default 5 as in ASE; 1 for the flat baseline)"""
-    style_reward_weight: Optional[float] = None
-    """w in r = (1 - w) * task + w * style (default 0.1 when the LLC has a discriminator and the env gives AMP observations, else 0)"""
+    llc_steps: Annotated[Optional[int], default_is("5 as in ASE; 1 for the flat baseline")] = None
+    """k: simulator (control) steps per high-level action"""
+    style_reward_weight: Annotated[Optional[float], default_is(
+        "0.1 when the LLC has a discriminator and the env gives AMP observations, else 0")] = None
+    """w in r = (1 - w) * task + w * style"""
 
     # PPO (ASE's high-level values where they fit; see README for the ones that differ)
-    total_timesteps: Optional[int] = None
-    """total SIMULATOR (control) steps over all envs, i.e. high-level steps * k (default: 50M on CUDA, 300k on the CPU)"""
+    total_timesteps: Annotated[Optional[int], default_is("50M on CUDA, 300k on the CPU")] = None
+    """total SIMULATOR (control) steps over all envs, i.e. high-level steps * k; rounded down to whole iterations"""
     learning_rate: float = 1e-4
     """Adam learning rate (ASE: 2e-5 on 4096 envs; larger here so small CPU runs learn within minutes)"""
     anneal_lr: bool = False
@@ -124,9 +138,9 @@ class Args:
     """coefficient of the value function loss (ASE critic_coef 5; the loss is 0.5 * MSE in normalised value units)"""
     bounds_loss_coef: float = 10.0
     """coefficient of the penalty relu(|mu| - 1)^2 on the action mean (ASE: 10; zero while the mean is tanh-squashed)"""
-    max_grad_norm: Optional[float] = None
-    """maximum norm for gradient clipping (ASE: off)"""
-    target_kl: Optional[float] = None
+    max_grad_norm: Annotated[Optional[float], default_is("off, as ASE")] = None
+    """maximum norm for gradient clipping"""
+    target_kl: Annotated[Optional[float], default_is("off")] = None
     """stop the update epochs early when the approximate KL exceeds this"""
     learned_log_std: bool = False
     """learn the policy log-std (ASE: fixed)"""
@@ -163,6 +177,17 @@ class Derived(NamedTuple):
     minibatch_size: int
     sim_steps_per_iteration: int
     num_iterations: int
+
+
+def flush_denormals_on_cpu(device: torch.device) -> bool:
+    """On the CPU, treat subnormal floats (|x| < 1.2e-38) as zero; returns whether it is set.
+
+    CPU arithmetic on subnormals is 10-100x slower. Adam's first moment of a weight whose gradient is
+    exactly zero (the outgoing weights of a dead ReLU unit) decays by beta1 = 0.9 per step through
+    that range, and a flat humanoid run gathers thousands of such weights in its critic: without
+    this, it slowed down 5x and more within 100k steps (bench/bench_update.py). No learning signal
+    lives below 1e-38, so flushing changes no result that matters."""
+    return device.type == "cpu" and torch.set_flush_denormal(True)
 
 
 def check_flags(args: Args):
@@ -298,7 +323,8 @@ def make_env(args: Args, derived: Derived, num_envs: int, seed: int):
     if args.env_backend == "mjwarp":
         from tasks import make_env as make_mjwarp_env
 
-        return make_mjwarp_env(robot=args.robot, task=args.task, num_envs=num_envs, device=str(derived.device), seed=seed)
+        return make_mjwarp_env(robot=args.robot, task=args.task, num_envs=num_envs, device=str(derived.device), seed=seed,
+                               verbose=args.sim_verbose)
     if args.env_factory:
         module_name, _, function_name = args.env_factory.partition(":")
         factory = getattr(importlib.import_module(module_name), function_name or "make")
@@ -777,6 +803,7 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = derived.device
+    flush_denormals_on_cpu(device)
 
     if args.eval_checkpoint:
         evaluate(args, derived, load_checkpoint(args.eval_checkpoint))
@@ -815,8 +842,10 @@ if __name__ == "__main__":
     if args.track:
         import wandb
 
+        # W&B keeps its files in ./wandb (its default, as CleanRL): inside runs/ TensorBoard would read them, and
+        # sync_tensorboard would copy its own copies of the event files back into itself
         run = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
-                         name=run_name, save_code=True, id=wandb_run_id, resume="allow" if wandb_run_id else None, dir=run_dir)
+                         name=run_name, save_code=True, id=wandb_run_id, resume="allow" if wandb_run_id else None)
         wandb_run_id = run.id
     writer = SummaryWriter(run_dir)
     if resume_checkpoint is None:
@@ -824,6 +853,10 @@ if __name__ == "__main__":
     print(f"{run_name}: {env.num_envs} envs on {device}, k = {derived.llc_steps}, "
           f"{'flat PPO' if derived.flat else f'LLC {derived.llc_path}'}, style weight {style_weight}, "
           f"{derived.num_iterations} iterations x {derived.sim_steps_per_iteration} simulator steps")
+    if derived.num_iterations * derived.sim_steps_per_iteration != derived.total_timesteps:
+        print(f"note: --total-timesteps {derived.total_timesteps} is not a whole number of iterations of "
+              f"{derived.sim_steps_per_iteration} simulator steps (envs x --num-steps x k): running "
+              f"{derived.num_iterations * derived.sim_steps_per_iteration} simulator steps")
 
     # rollout storage, allocated once on the device
     obs = torch.zeros((args.num_steps, env.num_envs, env.num_obs), device=device)

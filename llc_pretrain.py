@@ -18,11 +18,10 @@ import math
 import os
 import platform
 import random
-import shlex
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Annotated, Optional, Tuple
 
 import numpy as np
 import torch
@@ -30,12 +29,20 @@ import torch.nn as nn
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 
-from llc import LLCCheckpointError, build_llc, load_llc, read_checkpoint, save_llc
+from hrl_ppo_continuous import flush_denormals_on_cpu
+from llc import LLCCheckpointError, build_llc, load_llc, portable_command, read_checkpoint, save_llc
 from tasks import ROBOTS, make_env
+
+
+def default_is(text: str):
+    """--help shows `(default: text)` for a flag whose None default is resolved at start-up."""
+    return tyro.conf.arg(help_behavior_hint=f"(default: {text})")
 
 
 @dataclass
 class Args:
+    """Pre-train a latent-conditioned low-level controller with PPO (or --evaluate one's skills)."""
+
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
@@ -54,26 +61,27 @@ class Args:
     """the entity (team) of wandb's project"""
 
     # Environment
-    robot: str = "ant"
-    """robot to train: one of tasks.ROBOTS"""
+    sim_verbose: bool = False
+    """let the simulator print its own messages (MuJoCo Warp's banner and kernel loading)"""
+    robot: Annotated[str, tyro.conf.arg(help=f"robot to train, one of {', '.join(ROBOTS)}")] = "ant"
     total_timesteps: int = 2_000_000
-    """total simulator control steps (env.step calls times worlds)"""
+    """total simulator control steps (env.step calls times worlds); rounded down to whole iterations"""
     num_envs: int = 128
     """number of parallel simulated worlds"""
     num_steps: int = 32
     """control steps per world per rollout"""
 
     # Skill objective: latent -> planar command
-    latent_dim: Optional[int] = None
-    """latent (z) dimension; default 16 for the ant, 64 (as ASE) for the humanoid"""
+    latent_dim: Annotated[Optional[int], default_is("16 for the ant, 64 (as ASE) for the humanoid")] = None
+    """latent (z) dimension"""
     latent_hold_min: int = 1
     """shortest time a latent is held, in control steps (inclusive)"""
     latent_hold_max: int = 150
     """longest time a latent is held, in control steps (exclusive), as ASE's U[1, 150)"""
     skill_seed: int = 0
     """seed of the fixed projection from z to the command (stored in the checkpoint)"""
-    max_speed: Optional[float] = None
-    """largest commanded planar speed in m/s; default 1.0 for the ant, 2.0 for the humanoid"""
+    max_speed: Annotated[Optional[float], default_is("1.0 for the ant, 2.0 for the humanoid")] = None
+    """largest commanded planar speed in m/s"""
     max_yaw_rate: float = 1.0
     """largest commanded yaw rate in rad/s (0 disables turning commands)"""
     vel_reward_sigma: float = 0.25
@@ -140,8 +148,8 @@ class Args:
     """rewards are multiplied by this before the advantage computation"""
 
     # Checkpoints
-    checkpoint_path: Optional[str] = None
-    """where to write the LLC (native format); default runs/{run_name}/llc.pt"""
+    checkpoint_path: Annotated[Optional[str], default_is("runs/{run_name}/llc.pt")] = None
+    """where to write the LLC (native format)"""
     save_interval: int = 20
     """write the checkpoint every this many iterations (and at the end)"""
     init_from: Optional[str] = None
@@ -361,7 +369,8 @@ def evaluate_skills(checkpoint_path: str, args: Args, device: torch.device) -> d
     reached by a latent that did not fall and whose final displacement lies in that bin."""
     llc = load_llc(checkpoint_path, device=str(device))
     robot = llc.metadata.get("robot", args.robot)
-    env = make_env(robot=robot, task="none", num_envs=args.eval_num_latents, device=str(device), seed=args.eval_seed)
+    env = make_env(robot=robot, task="none", num_envs=args.eval_num_latents, device=str(device), seed=args.eval_seed,
+                   verbose=args.sim_verbose)
     llc.check_env(env.num_obs, env.get_task_obs_size(), path=checkpoint_path)
     num_control_steps = int(round(args.eval_seconds / env.control_dt))
     if num_control_steps > env.max_episode_length:
@@ -451,6 +460,7 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
+    flush_denormals_on_cpu(device)
     if args.evaluate is not None:
         try:
             evaluate_skills(args.evaluate, args, device)
@@ -491,10 +501,16 @@ if __name__ == "__main__":
     latent_generator = torch.Generator(device=device).manual_seed(args.seed)
 
     # env setup: task "none", the LLC sees the observation without a task part
-    env = make_env(robot=args.robot, task="none", num_envs=args.num_envs, device=str(device), seed=args.seed)
+    env = make_env(robot=args.robot, task="none", num_envs=args.num_envs, device=str(device), seed=args.seed,
+                   verbose=args.sim_verbose)
     llc_obs_dim = env.num_obs - env.get_task_obs_size()
     action_dim = env.num_actions
     projection = make_skill_projection(latent_dim, args.skill_seed).to(device)
+    print(f"{run_name}: {args.robot}, {args.num_envs} envs on {device}, latent {latent_dim}, "
+          f"{args.num_iterations} iterations x {args.batch_size} control steps -> {checkpoint_path}")
+    if args.num_iterations * args.batch_size != args.total_timesteps:
+        print(f"note: --total-timesteps {args.total_timesteps} is not a whole number of iterations of "
+              f"{args.batch_size} control steps (--num-envs x --num-steps): running {args.num_iterations * args.batch_size}")
 
     # actor (the LLC), critic, exploration noise
     model = build_llc(llc_obs_dim, latent_dim, action_dim, arch=args.llc_arch, hidden=tuple(args.llc_hidden),
@@ -514,7 +530,7 @@ if __name__ == "__main__":
 
     metadata = {
         "robot": args.robot, **env_control_settings(env),
-        "command": shlex.join([sys.executable] + sys.argv), "seed": args.seed,
+        "command": portable_command(sys.argv), "seed": args.seed,
         "latent_dim": latent_dim, "llc_arch": args.llc_arch, "llc_hidden": list(args.llc_hidden),
         "skill_mapping": {
             "type": "planar_velocity_heading_frame+yaw_rate", "projection": projection.cpu().tolist(),

@@ -436,3 +436,16 @@ def test_isaacgym_adapter_with_an_ase_style_task_resets_finished_envs_by_id():
     assert extras["time_outs"].tolist() == [True, False, False]
     env.reset_done()
     assert task.reset_calls == [None, [0, 1]]
+
+
+def test_subnormals_are_flushed_on_cpu_only():
+    from hrl_ppo_continuous import flush_denormals_on_cpu
+
+    subnormal = torch.tensor([1e-40], dtype=torch.float32)
+    try:
+        assert flush_denormals_on_cpu(torch.device("cpu"))
+        assert (subnormal * 1.0).item() == 0.0  # read as zero
+    finally:
+        torch.set_flush_denormal(False)
+    assert (subnormal * 1.0).item() != 0.0
+    assert not flush_denormals_on_cpu(torch.device("meta"))
