@@ -31,14 +31,57 @@ def load_task(task):
     return importlib.import_module(f"tasks.{task}")
 
 
-def make_env(robot, task, num_envs, device="cpu", seed=0, **overrides):
+def quiet_warp(device):
+    """Keep MuJoCo Warp's console output to what a user needs: no init banner, no per-module load
+    lines, and, on a machine without a CUDA device, no CUDA-driver warning (Warp's C library prints it
+    to stderr while initialising). On a cold kernel cache, one line says that compilation is coming."""
+    import warp as wp
+
+    wp.config.log_level = wp.LOG_WARNING
+    if str(device).startswith("cpu"):
+        with _stderr_to_devnull():
+            wp.init()  # initialises once; later calls return at once
+    cache = wp.config.kernel_cache_dir
+    if not cache or not any(name.startswith("wp_mujoco_warp") for name in _listdir(cache)):
+        print(f"MuJoCo Warp: compiling its kernels for {device} on first use (about a minute on a CPU, "
+              f"less on a GPU; cached in {cache})", flush=True)
+
+
+def _listdir(path):
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+class _stderr_to_devnull:
+    """Redirect file descriptor 2 (C-level stderr too) to /dev/null inside the block."""
+
+    def __enter__(self):
+        import sys
+
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+
+
+def make_env(robot, task, num_envs, device="cpu", seed=0, verbose=False, **overrides):
     """Batched env of `num_envs` worlds of `robot` doing `task` on `device` ("cpu" or "cuda:i").
 
+    verbose: let MuJoCo Warp print its banner and kernel loading (quiet by default).
     overrides: decimation (physics steps per control step), episode_length_s, capture (False: step
     eagerly instead of replaying the captured graph), nconmax / njmax (contact / constraint buffer
     sizes per world), and the task's parameters (e.g. speed_range, target_range,
     resample_interval_s)."""
     robot_module, task_module = load_robot(robot), load_task(task)
+    if not verbose:
+        quiet_warp(device)
     from tasks.base import BatchedEnv
 
     return BatchedEnv(robot_module, task_module, num_envs, device=device, seed=seed, **overrides)

@@ -100,12 +100,41 @@ def test_eval_checkpoint_prints_a_return(trained_run):
 
 
 def test_flat_baseline_with_wandb_offline(tmp_path):
-    result = run([*TINY, "--llc-checkpoint", "none", "--total-timesteps", "16", "--track", "--save-model"], tmp_path)
+    result = run([*TINY, "--llc-checkpoint", "none", "--total-timesteps", "24", "--track", "--save-model"], tmp_path)
     assert "flat PPO" in result.stdout and "k = 1" in result.stdout
     (run_dir,) = run_dirs(tmp_path)
     assert os.path.isfile(os.path.join(run_dir, "hrl_ppo_continuous.cleanrl_model"))
-    assert saved(run_dir)["global_step"] == 16  # 2 envs x 4 steps x k = 1, two iterations
-    assert glob.glob(os.path.join(run_dir, "wandb", "offline-run-*"))
+    assert saved(run_dir)["global_step"] == 24  # 2 envs x 4 steps x k = 1, three iterations
+    # W&B's files live apart from TensorBoard's: runs/ holds one events file, in the run's folder
+    events = glob.glob(os.path.join(str(tmp_path), "runs", "**", "*tfevents*"), recursive=True)
+    assert [os.path.dirname(path) for path in events] == [run_dir]
+    (wandb_file,) = glob.glob(os.path.join(str(tmp_path), "wandb", "offline-run-*", "run-*.wandb"))
+    from wandb_records import final_summary
+
+    assert final_summary(wandb_file)["global_step"] == 24  # the summary is the last logged step
+
+
+def test_console_shows_the_run_header_first_and_says_what_will_run(tmp_path):
+    """No simulator banner or kernel-loading lines before the run's own header, and a budget that is
+    not a whole number of iterations is reported (40 simulator steps per iteration here)."""
+    result = run([*TINY, "--llc-checkpoint", "none", "--total-timesteps", "50"], tmp_path)
+    lines = [line for line in result.stdout.splitlines() if not line.startswith("MuJoCo Warp: compiling")]
+    assert lines[0].startswith("ant-heading__"), result.stdout[:500]
+    assert "Warp" not in result.stderr and "Module" not in result.stdout, result.stderr[:500]
+    assert "--total-timesteps 50 is not a whole number of iterations of 8 simulator steps" in result.stdout
+    assert "running 48 simulator steps" in result.stdout
+
+
+def test_help_lists_robots_tasks_and_one_default_per_flag(tmp_path):
+    from tasks import ROBOTS, TASKS
+
+    result = run(["--help"], tmp_path, extra_env={"COLUMNS": "200"})
+    text = " ".join(result.stdout.split())
+    assert text.index("frozen low-level controller") < text.index("--exp-name")  # a description at the top
+    assert f"one of {', '.join(ROBOTS)}" in text and f"one of {', '.join(TASKS)}" in text
+    for flag in ("--num-envs", "--llc-steps", "--total-timesteps", "--llc-checkpoint", "--style-reward-weight"):
+        help_of_flag = text.split(flag, 1)[1].split(" --", 1)[0]
+        assert help_of_flag.count("default") == 1, f"{flag}: {help_of_flag}"
 
 
 def test_missing_llc_checkpoint_is_a_clear_error(tmp_path):
