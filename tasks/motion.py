@@ -146,7 +146,8 @@ def _field(motion, key, path, shape=None):
     if not isinstance(entry, np.ndarray):
         raise MotionFileError(f"{path}: field {key!r} missing or not an array (SkeletonMotion keys: "
                               f"{sorted(motion)})")
-    if shape is not None and (entry.ndim != len(shape) or any(s is not None and s != e for s, e in zip(shape, entry.shape))):
+    fits = shape is None or (entry.ndim == len(shape) and all(s in (None, e) for s, e in zip(shape, entry.shape)))
+    if not fits:
         expected = "x".join("T" if s is None else str(s) for s in shape)
         raise MotionFileError(f"{path}: field {key!r} has shape {list(entry.shape)}, expected [{expected}]")
     return torch.as_tensor(entry.astype(np.float64))
