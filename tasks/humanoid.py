@@ -60,7 +60,8 @@ TERMINATION_HEIGHT = 0.15  # m, a non-foot body origin below this ...
 HEAD_TERMINATION_HEIGHT = 0.3  # m (head)
 # ... while some non-foot body touches the floor: fallen
 LOCAL_ROOT_OBS = False  # True: the root's rotation slot holds the world (not heading-local) root
-                        # tan-norm, as ASE's humanoid_ase.yaml (localRootObs: True) does
+                        # tan-norm, as ASE's humanoid_ase.yaml (localRootObs: True) does; the default
+                        # of compute_obs(sim, local_root_obs=None)
 
 NEEDS_FORWARD_AFTER_RESET = True
 MAX_CONTACTS_PER_WORLD = 64  # a humanoid lying on the floor makes about 40
@@ -156,8 +157,12 @@ def body_com_velocities(sim):
     return lin_vel, ang_vel
 
 
-def compute_obs(sim):
-    """ASE's humanoid observation, [N, 223] float32 (layout in the module docstring)."""
+def compute_obs(sim, local_root_obs=None):
+    """ASE's humanoid observation, [N, 223] float32 (layout in the module docstring).
+
+    local_root_obs: ASE's localRootObs, True puts the root's world tan-norm in its rotation slot;
+    None takes the module's LOCAL_ROOT_OBS. (In the AMP observation, tasks/amp.py, the same key means
+    the opposite: True makes the root rotation heading-local.)"""
     body_pos, body_quat = sim.xpos[:, 1:], sim.xquat[:, 1:]  # world
     root_pos, root_quat = body_pos[:, 0], body_quat[:, 0]
     yaw = heading_angle(root_quat)
@@ -168,7 +173,7 @@ def compute_obs(sim):
     x_axis_heading = _to_heading_frame(yaw, _axes(body_quat, 0))
     z_axis_heading = _to_heading_frame(yaw, _axes(body_quat, 2))
     body_rot_heading = torch.cat([x_axis_heading, z_axis_heading], dim=-1)  # [N, 15, 6]
-    if LOCAL_ROOT_OBS:
+    if LOCAL_ROOT_OBS if local_root_obs is None else local_root_obs:
         root_rot_world = torch.cat([_axes(body_quat[:, :1], 0), _axes(body_quat[:, :1], 2)], dim=-1)
         body_rot_heading = torch.cat([root_rot_world, body_rot_heading[:, 1:]], dim=1)
     lin_vel, ang_vel = body_com_velocities(sim)

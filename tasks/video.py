@@ -39,26 +39,42 @@ def renderer_available(width=64, height=64):
         return False, f"no offscreen OpenGL (MUJOCO_GL={os.environ.get('MUJOCO_GL')!r}): {error}"
 
 
+def offscreen_renderer(mjm, width=640, height=480):
+    """mujoco.Renderer for mjm; RuntimeError saying how to get offscreen OpenGL when there is none."""
+    try:
+        return mujoco.Renderer(mjm, height, width)
+    except Exception as error:
+        raise RuntimeError(
+            f"cannot render offscreen with MUJOCO_GL={os.environ.get('MUJOCO_GL')!r}: {error}. Set "
+            "MUJOCO_GL=egl (Debian: libegl1 libegl-mesa0 libgl1-mesa-dri) or MUJOCO_GL=osmesa (libosmesa6) "
+            "before mujoco is first imported") from error
+
+
+def tracking_camera(distance=3.5):
+    """A camera that follows the root body (body 1), looking down 20 degrees; works for any robot."""
+    camera = mujoco.MjvCamera()
+    camera.type = mujoco.mjtCamera.mjCAMERA_TRACKING
+    camera.trackbodyid = 1
+    camera.distance, camera.elevation, camera.azimuth = distance, -20.0, 135.0
+    return camera
+
+
+def mp4_writer(path, fps):
+    """An imageio H.264 writer at `fps` frames per second; creates the folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return imageio.get_writer(path, fps=fps, codec="libx264", macro_block_size=8)
+
+
 class VideoRecorder:
     def __init__(self, env, path, world=0, width=640, height=480, fps=None, camera_distance=3.5):
         if not 0 <= world < env.num_envs:
             raise ValueError(f"world {world} out of range: the env has {env.num_envs} worlds")
         self.env, self.path, self.world = env, path, world
         self.data = mujoco.MjData(env.mjm)
-        try:
-            self.renderer = mujoco.Renderer(env.mjm, height, width)
-        except Exception as error:
-            raise RuntimeError(
-                f"cannot render offscreen with MUJOCO_GL={os.environ.get('MUJOCO_GL')!r}: {error}. Set "
-                "MUJOCO_GL=egl (Debian: libegl1 libegl-mesa0 libgl1-mesa-dri) or MUJOCO_GL=osmesa (libosmesa6) "
-                "before mujoco is first imported") from error
-        self.camera = mujoco.MjvCamera()  # follows the root body, works for any robot
-        self.camera.type = mujoco.mjtCamera.mjCAMERA_TRACKING
-        self.camera.trackbodyid = 1
-        self.camera.distance, self.camera.elevation, self.camera.azimuth = camera_distance, -20.0, 135.0
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.renderer = offscreen_renderer(env.mjm, width, height)
+        self.camera = tracking_camera(camera_distance)
         fps = fps if fps is not None else round(1.0 / env.control_dt)
-        self.writer = imageio.get_writer(path, fps=fps, codec="libx264", macro_block_size=8)
+        self.writer = mp4_writer(path, fps)
         self.num_frames = 0
 
     def capture(self):

@@ -182,8 +182,10 @@ def test_local_root_obs_puts_the_world_root_rotation_in_the_root_slot(env, monke
     env.sim.qpos[:, 3:7] = humanoid.standing_qpos(torch.full((env.num_envs,), yaw))[:, 3:7]
     env.forward()
     heading_obs = humanoid.compute_obs(env.sim)
-    monkeypatch.setattr(humanoid, "LOCAL_ROOT_OBS", True)
-    world_root_obs = humanoid.compute_obs(env.sim)
+    world_root_obs = humanoid.compute_obs(env.sim, local_root_obs=True)
+    assert torch.equal(humanoid.compute_obs(env.sim, local_root_obs=False), heading_obs)
+    monkeypatch.setattr(humanoid, "LOCAL_ROOT_OBS", True)  # the module setting is the default
+    assert torch.equal(humanoid.compute_obs(env.sim), world_root_obs)
     root_world_x_axis = torch.tensor([math.cos(yaw), math.sin(yaw), 0.0])
     torch.testing.assert_close(world_root_obs[:, 43:46], root_world_x_axis.expand(env.num_envs, 3), atol=1e-5, rtol=0)
     torch.testing.assert_close(world_root_obs[:, 46:49], torch.tensor([0.0, 0.0, 1.0]).expand(env.num_envs, 3),
