@@ -1,11 +1,14 @@
-"""Simulator side: batched MuJoCo Warp robots and tasks.
+"""Simulator side: batched robots and tasks over MuJoCo Warp or C MuJoCo.
 
     from tasks import make_env, ROBOTS, TASKS
     env = make_env("ant", "heading", num_envs=64, device="cpu", seed=0)
 
 A robot is one module (tasks/ant.py, tasks/humanoid.py), a task is one module (tasks/heading.py,
-tasks/location.py, tasks/none.py); tasks/base.py documents what each must provide. Robot modules
-are imported lazily, so an unavailable robot does not break the others.
+tasks/location.py, tasks/none.py); tasks/base.py documents what each must provide. The env
+(tasks/env.py) holds the episode logic once, over one physics backend: tasks/physics_mjwarp.py
+(MuJoCo Warp, the default on a CUDA device) or tasks/physics_mujoco.py (C MuJoCo on all CPU cores,
+the default on the CPU). Robot and backend modules are imported lazily, so an unavailable one does
+not break the others.
 """
 
 import importlib
@@ -17,6 +20,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 ROBOTS = ("ant", "humanoid")
 TASKS = ("heading", "location", "none")
+BACKENDS = ("auto", "mjwarp", "mujoco")  # auto: mjwarp on a CUDA device, mujoco on the CPU
 
 
 def load_robot(robot):
@@ -71,17 +75,21 @@ class _stderr_to_devnull:
         os.close(self.saved)
 
 
-def make_env(robot, task, num_envs, device="cpu", seed=0, verbose=False, **overrides):
+def make_env(robot, task, num_envs, device="cpu", seed=0, backend="auto", sim_threads=None, verbose=False,
+             **overrides):
     """Batched env of `num_envs` worlds of `robot` doing `task` on `device` ("cpu" or "cuda:i").
 
-    verbose: let MuJoCo Warp print its banner and kernel loading (quiet by default).
-    overrides: decimation (physics steps per control step), episode_length_s, capture (False: step
-    eagerly instead of replaying the captured graph), nconmax / njmax (contact / constraint buffer
-    sizes per world), and the task's parameters (e.g. speed_range, target_range,
-    resample_interval_s)."""
+    backend: one of BACKENDS. sim_threads: threads of the `mujoco` backend (default: all cores;
+    MuJoCo Warp does not use it). verbose: let MuJoCo Warp print its banner and kernel loading
+    (quiet by default). overrides: decimation (physics steps per control step), episode_length_s,
+    the task's parameters (e.g. speed_range, target_range, resample_interval_s), and for `mjwarp`
+    capture (False: step eagerly instead of replaying the captured graph) and nconmax / njmax
+    (contact / constraint buffer sizes per world)."""
     robot_module, task_module = load_robot(robot), load_task(task)
-    if not verbose:
+    uses_warp = backend == "mjwarp" or (backend == "auto" and str(device).startswith("cuda"))
+    if uses_warp and not verbose:
         quiet_warp(device)
-    from tasks.base import BatchedEnv
+    from tasks.env import BatchedEnv
 
-    return BatchedEnv(robot_module, task_module, num_envs, device=device, seed=seed, **overrides)
+    return BatchedEnv(robot_module, task_module, num_envs, device=device, seed=seed, backend=backend,
+                      sim_threads=sim_threads, **overrides)

@@ -4,13 +4,16 @@ Fixtures are session-scoped so MuJoCo Warp kernels compile once per test session
 small N (NUM_TEST_ENVS = 4) on CPU. Tests that step a shared env must call env.reset() first and must
 not depend on what other tests did to it.
 
-    ant_heading_env, ant_location_env, ant_none_env   BatchedEnv for the ant with each task
-    make_test_env(robot, task, tag="", **overrides)   cached factory: one env per (robot, task, tag,
-                                                      overrides) for the whole session; a different
-                                                      `tag` gives a second, independent env with the same
-                                                      settings. Robot test files (e.g.
+    ant_heading_env, ant_location_env, ant_none_env   BatchedEnv for the ant with each task (backend
+                                                      `mujoco`, the CPU default)
+    make_test_env(robot, task, tag="", backend="mujoco", **overrides)
+                                                      cached factory: one env per (robot, task, tag,
+                                                      backend, overrides) for the whole session; a
+                                                      different `tag` gives a second, independent env
+                                                      with the same settings. Robot test files (e.g.
                                                       tests/test_humanoid.py) call
                                                       `make_test_env("humanoid", "heading")`.
+    TEST_BACKENDS                                     the backends the robot-independent checks run on
     env_checks                                        the robot-independent checks below, as a namespace:
                                                       env_checks.obs_layout(env), .subset_reset(env, twin),
                                                       .capture_matches_eager(env, eager_env),
@@ -36,6 +39,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 NUM_TEST_ENVS = 4
+TEST_BACKENDS = ("mjwarp", "mujoco")
 
 
 def random_actions(env, generator):
@@ -49,10 +53,10 @@ def make_test_env():
 
     cache = {}
 
-    def factory(robot, task, num_envs=NUM_TEST_ENVS, seed=0, tag="", **overrides):
-        key = (robot, task, num_envs, seed, tag, tuple(sorted(overrides.items())))
+    def factory(robot, task, num_envs=NUM_TEST_ENVS, seed=0, tag="", backend="mujoco", **overrides):
+        key = (robot, task, num_envs, seed, tag, backend, tuple(sorted(overrides.items())))
         if key not in cache:
-            cache[key] = make_env(robot, task, num_envs, device="cpu", seed=seed, **overrides)
+            cache[key] = make_env(robot, task, num_envs, device="cpu", seed=seed, backend=backend, **overrides)
         return cache[key]
 
     return factory
@@ -111,7 +115,7 @@ def check_subset_reset(env, twin, steps=15):
 
 def check_capture_matches_eager(env, eager_env, steps=20):
     """The replayed graph (env) and eager stepping (eager_env, capture=False) agree bit for bit."""
-    assert env.physics_graph is not None and eager_env.physics_graph is None
+    assert env.physics.physics_graph is not None and eager_env.physics.physics_graph is None
     generator = torch.Generator().manual_seed(4)
     for e in (env, eager_env):
         e.seed(8)
@@ -157,8 +161,8 @@ def check_random_rollout_is_finite(env, steps=1000, reset_every=5):
 
 
 def check_matches_c_mujoco(env, steps, atol, actions_fn):
-    """World 0 of the MuJoCo Warp env against plain C MuJoCo on the same MJCF model, same initial
-    state and same PD targets; max |qpos difference| over the trajectory must stay below atol."""
+    """World 0 of the env against plain C MuJoCo (an mj_step loop) on the same MJCF model, same
+    initial state and same PD targets; max |qpos difference| over the trajectory must stay below atol."""
     env.reset()
     data = mujoco.MjData(env.mjm)
     data.qpos[:] = env.sim.qpos[0].double().numpy()

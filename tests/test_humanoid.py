@@ -1,8 +1,9 @@
 """The humanoid robot (tasks/humanoid.py, assets/humanoid.xml): model layout, PD map, observation,
 fall test, standing, and the robot-independent env checks from conftest.py.
 
-One humanoid env (4 worlds, heading task) is shared by the whole session; a twin with the same
-settings serves the subset-reset and determinism checks."""
+One humanoid env (4 worlds, heading task, the CPU default backend `mujoco`) is shared by the whole
+session; the robot-independent checks run on every backend in TEST_BACKENDS, with a twin of the
+same settings for the subset-reset and determinism checks."""
 
 import math
 
@@ -10,6 +11,7 @@ import mujoco
 import numpy as np
 import pytest
 import torch
+from conftest import TEST_BACKENDS
 
 import tasks.humanoid as humanoid
 
@@ -119,7 +121,9 @@ def test_holding_the_standing_pose_stays_upright(env):
 
 
 # ---------------------------------------------------------------- observation
-def test_observation_size_and_task_tail(env, env_checks):
+@pytest.mark.parametrize("backend", TEST_BACKENDS)
+def test_observation_size_and_task_tail(make_test_env, env_checks, backend):
+    env = make_test_env("humanoid", "heading", backend=backend)
     assert humanoid.NUM_ROBOT_OBS == 223
     assert env.num_obs == 223 + env.get_task_obs_size() and env.num_actions == 28
     env_checks.obs_layout(env)
@@ -244,23 +248,28 @@ def test_fall_test(env):
 
 
 # ---------------------------------------------------------------- robot-independent env checks
-def test_random_actions_stay_finite_without_overflow(env, env_checks):
-    env_checks.random_rollout_is_finite(env, steps=150, reset_every=5)
+@pytest.mark.parametrize("backend", TEST_BACKENDS)
+def test_random_actions_stay_finite_without_overflow(make_test_env, env_checks, backend):
+    env_checks.random_rollout_is_finite(make_test_env("humanoid", "heading", backend=backend), steps=150, reset_every=5)
 
 
-def test_subset_reset_and_same_seed(env, make_test_env, env_checks):
-    twin = make_test_env("humanoid", "heading", tag="twin")
+@pytest.mark.parametrize("backend", TEST_BACKENDS)
+def test_subset_reset_and_same_seed(make_test_env, env_checks, backend):
+    env = make_test_env("humanoid", "heading", backend=backend)
+    twin = make_test_env("humanoid", "heading", tag="twin", backend=backend)
     env_checks.subset_reset(env, twin, steps=10)
     env_checks.same_seed_same_rollout(env, twin, steps=10)
 
 
-def test_matches_c_mujoco(env, env_checks):
+@pytest.mark.parametrize("backend", TEST_BACKENDS)
+def test_matches_c_mujoco(make_test_env, env_checks, backend):
     """Random actions from the perturbed reset for 1 s (30 control steps, 120 physics steps, the
     humanoid flails and often falls, with floor and self contacts): MuJoCo Warp (float32) and C
     MuJoCo (float64) agree in qpos within 1e-3 (m or rad). Over 8 such trajectories the largest
     difference seen was 1.6e-4: rounding differences grow at contact events, so the bound keeps a
-    6x margin; an engine or model mismatch (e.g. the foot-foot box-box pair) gives 1e-2 to 1."""
+    6x margin; an engine or model mismatch (e.g. the foot-foot box-box pair) gives 1e-2 to 1. The
+    `mujoco` backend is C MuJoCo itself: it agrees to rounding (about 1e-14)."""
     generator = torch.Generator().manual_seed(7)
-    max_error = env_checks.matches_c_mujoco(
-        env, steps=30, atol=1e-3, actions_fn=lambda step, e: env_checks.random_actions(e, generator))
-    print(f"max |qpos_warp - qpos_c| over 1 s of random actions: {max_error:.2e}")
+    max_error = env_checks.matches_c_mujoco(make_test_env("humanoid", "heading", backend=backend), steps=30, atol=1e-3,
+                                            actions_fn=lambda step, e: env_checks.random_actions(e, generator))
+    print(f"{backend}: max |qpos - qpos_c| over 1 s of random actions: {max_error:.2e}")

@@ -1,6 +1,7 @@
-"""Tests of the simulator side (tasks/): the batched MuJoCo Warp env, the ant, the tasks, the registry.
+"""Tests of the simulator side (tasks/): the batched env on both backends, the ant, the tasks, the registry.
 
-Fixtures and robot-independent checks live in tests/conftest.py (session-scoped, N = 4, CPU)."""
+Fixtures and robot-independent checks live in tests/conftest.py (session-scoped, N = 4, CPU); the
+robot-independent checks run on every backend in TEST_BACKENDS, the rest on the CPU default `mujoco`."""
 
 import math
 import os
@@ -8,18 +9,21 @@ import subprocess
 import sys
 
 import pytest
+import numpy as np
 import torch
 import warp as wp
+from conftest import TEST_BACKENDS
 
-from tasks import ROBOTS, TASKS, heading, location, make_env
+from tasks import BACKENDS, ROBOTS, TASKS, heading, location, make_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---------------------------------------------------------------- sizes and layout
+@pytest.mark.parametrize("backend", TEST_BACKENDS)
 @pytest.mark.parametrize("task, task_size", [("heading", 5), ("location", 2), ("none", 0)])
-def test_ant_sizes(make_test_env, env_checks, task, task_size):
-    env = make_test_env("ant", task)
+def test_ant_sizes(make_test_env, env_checks, task, task_size, backend):
+    env = make_test_env("ant", task, backend=backend)
     assert (env.num_obs, env.get_task_obs_size(), env.num_actions) == (29 + task_size, task_size, 8)
     assert env.control_dt == pytest.approx(0.03) and env.max_episode_length == 500
     assert (env.robot_name, env.task_name) == ("ant", task)
@@ -46,16 +50,41 @@ def test_ant_obs_of_hand_set_state(ant_heading_env):
 
 
 # ---------------------------------------------------------------- simulator state shared with torch
-def test_zero_copy_views(ant_none_env):
-    env = ant_none_env
+def simulator_arrays(env):
+    """The simulator's own qpos and ctrl (numpy): MuJoCo Warp's arrays, or the float32 arrays the
+    C backend's views wrap."""
+    if env.backend == "mjwarp":
+        return env.physics.d.qpos.numpy(), env.physics.d.ctrl.numpy()
+    return env.physics.state32[:, 1:1 + env.mjm.nq], env.physics.ctrl32
+
+
+@pytest.mark.parametrize("backend", TEST_BACKENDS)
+def test_zero_copy_views(make_test_env, backend):
+    env = make_test_env("ant", "none", backend=backend)
     env.reset()
     env.sim.qpos[2, 0] = 5.0  # write through the torch view ...
-    assert env.d.qpos.numpy()[2, 0] == 5.0  # ... reaches the simulator
-    assert env.root_states()["pos"].data_ptr() == wp.to_torch(env.d.qpos).data_ptr()
+    assert simulator_arrays(env)[0][2, 0] == 5.0  # ... reaches the simulator
+    assert env.root_states()["pos"].data_ptr() == env.sim.qpos.data_ptr()
+    if backend == "mjwarp":
+        assert env.sim.qpos.data_ptr() == wp.to_torch(env.physics.d.qpos).data_ptr()
     actions = torch.linspace(-2.0, 2.0, 8).expand(4, 8)  # outside [-1, 1]: clamped
     env.step(actions)
     expected_ctrl = env.pd_offset + env.pd_scale * actions.clamp(-1, 1)
-    torch.testing.assert_close(torch.from_numpy(env.d.ctrl.numpy()), expected_ctrl, atol=1e-6, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(simulator_arrays(env)[1]), expected_ctrl, atol=1e-6, rtol=0)
+
+
+def test_mujoco_backend_takes_what_torch_wrote_and_keeps_float64_elsewhere(ant_none_env):
+    """A value written through the float32 view replaces the float64 state; untouched values keep
+    their float64 precision."""
+    env = ant_none_env
+    env.reset()
+    env.step(torch.zeros(4, 8))
+    state = env.physics.state
+    assert not np.array_equal(state[:, 1:16], state[:, 1:16].astype(np.float32))  # float64 digits kept
+    env.sim.qpos[1, 2] = 0.7
+    kept = state[0].copy()
+    env.forward()
+    assert state[1, 3] == np.float32(0.7) and np.array_equal(state[0], kept)
 
 
 def test_root_states_frames(ant_none_env):
@@ -69,16 +98,21 @@ def test_root_states_frames(ant_none_env):
     assert root["quat"].shape == (4, 4) and root["lin_vel"].shape == (4, 3)
 
 
-def test_subset_reset_leaves_others_bit_identical(make_test_env, env_checks):
-    env_checks.subset_reset(make_test_env("ant", "heading"), make_test_env("ant", "heading", tag="twin"))
+@pytest.mark.parametrize("backend", TEST_BACKENDS)
+def test_subset_reset_leaves_others_bit_identical(make_test_env, env_checks, backend):
+    env_checks.subset_reset(make_test_env("ant", "heading", backend=backend),
+                            make_test_env("ant", "heading", tag="twin", backend=backend))
 
 
 def test_captured_replay_equals_eager(make_test_env, env_checks):
-    env_checks.capture_matches_eager(make_test_env("ant", "none"), make_test_env("ant", "none", capture=False))
+    env_checks.capture_matches_eager(make_test_env("ant", "none", backend="mjwarp"),
+                                     make_test_env("ant", "none", backend="mjwarp", capture=False))
 
 
-def test_same_seed_same_rollout(make_test_env, env_checks):
-    env_checks.same_seed_same_rollout(make_test_env("ant", "heading"), make_test_env("ant", "heading", tag="twin"))
+@pytest.mark.parametrize("backend", TEST_BACKENDS)
+def test_same_seed_same_rollout(make_test_env, env_checks, backend):
+    env_checks.same_seed_same_rollout(make_test_env("ant", "heading", backend=backend),
+                                      make_test_env("ant", "heading", tag="twin", backend=backend))
 
 
 def test_different_seed_different_reset(make_test_env):
@@ -86,12 +120,13 @@ def test_different_seed_different_reset(make_test_env):
     assert not torch.equal(a.reset()["obs"], b.reset()["obs"])
 
 
-def test_random_rollout_finite_no_overflow(ant_heading_env, env_checks):
-    env_checks.random_rollout_is_finite(ant_heading_env, steps=1000)
+@pytest.mark.parametrize("backend", TEST_BACKENDS)
+def test_random_rollout_finite_no_overflow(make_test_env, env_checks, backend):
+    env_checks.random_rollout_is_finite(make_test_env("ant", "heading", backend=backend), steps=1000)
 
 
 def test_overflow_is_detected(make_test_env):
-    env = make_test_env("ant", "none", nconmax=1)  # a standing ant has 4 floor contacts
+    env = make_test_env("ant", "none", backend="mjwarp", nconmax=1)  # a standing ant has 4 floor contacts
     env.reset()
     for _ in range(20):  # the ant drops onto its feet
         env.step(torch.zeros(4, 8))
@@ -106,7 +141,8 @@ def test_decimation_override(make_test_env):
     torch.testing.assert_close(env.sim.time - time_before, torch.full((4,), 0.02), atol=1e-6, rtol=0)
 
 
-def test_matches_c_mujoco(ant_none_env, env_checks):
+@pytest.mark.parametrize("backend", TEST_BACKENDS)
+def test_matches_c_mujoco(make_test_env, env_checks, backend):
     # Smooth PD targets (a slow sine per joint) while the ant stands on its four feet. Measured error
     # ~1e-6 over 60 control steps: float32 (MuJoCo Warp) vs float64 (C) rounding. 1e-4 leaves
     # margin without hiding a modelling difference (those show up as errors of 1e-2 and more).
@@ -117,12 +153,14 @@ def test_matches_c_mujoco(ant_none_env, env_checks):
     def sine_actions(step, env):
         return 0.3 * torch.sin(0.1 * step + phases).expand(env.num_envs, 8)
 
-    env_checks.matches_c_mujoco(ant_none_env, steps=60, atol=1e-4, actions_fn=sine_actions)
+    env_checks.matches_c_mujoco(make_test_env("ant", "none", backend=backend), steps=60, atol=1e-4,
+                                actions_fn=sine_actions)
 
 
 # ---------------------------------------------------------------- episode bookkeeping
-def test_sticky_done_and_reset_done(make_test_env):
-    env = make_test_env("ant", "none", episode_length_s=0.3)  # 10 control steps
+@pytest.mark.parametrize("backend", TEST_BACKENDS)
+def test_sticky_done_and_reset_done(make_test_env, backend):
+    env = make_test_env("ant", "none", backend=backend, episode_length_s=0.3)  # 10 control steps
     assert env.max_episode_length == 10
     env.reset()
     zeros = torch.zeros(4, 8)
@@ -155,8 +193,9 @@ def test_flipped_ant_terminates(ant_none_env):
     assert done[1] and extras["terminate"][1]
 
 
-def test_nonfinite_world_is_reset_and_reported(ant_heading_env):
-    env = ant_heading_env
+@pytest.mark.parametrize("backend", TEST_BACKENDS)
+def test_nonfinite_world_is_reset_and_reported(make_test_env, backend):
+    env = make_test_env("ant", "heading", backend=backend)
     env.reset()
     before = int(env.nonfinite_resets)
     env.sim.qvel[2, 0] = float("nan")
@@ -268,6 +307,13 @@ def test_video_records_mp4(ant_location_env, tmp_path):
 # ---------------------------------------------------------------- registry
 def test_registry_names():
     assert ROBOTS == ("ant", "humanoid") and TASKS == ("heading", "location", "none")
+    assert BACKENDS == ("auto", "mjwarp", "mujoco")
+
+
+def test_auto_backend_on_the_cpu_is_c_mujoco():
+    env = make_env("ant", "none", 2, device="cpu")
+    assert env.backend == "mujoco" and env.describe_backend().startswith("mujoco (C MuJoCo")
+    assert make_env("ant", "none", 2, sim_threads=1).physics.threads == 1
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -276,6 +322,12 @@ def test_registry_names():
     ({"robot": "ant", "task": "heading", "num_envs": 0}, "num_envs must be an integer >= 1, got 0"),
     ({"robot": "ant", "task": "heading", "num_envs": 2, "device": "tpu"}, "device 'tpu'"),
     ({"robot": "ant", "task": "heading", "num_envs": 2, "decimaton": 2}, "unknown override.*decimaton.*decimation"),
+    ({"robot": "ant", "task": "heading", "num_envs": 2, "backend": "physx"},
+     r"unknown backend 'physx'; valid backends: \['auto', 'mjwarp', 'mujoco'\]"),
+    ({"robot": "ant", "task": "heading", "num_envs": 2, "backend": "mujoco", "nconmax": 4},
+     "unknown override.*nconmax.*backend 'mujoco'"),
+    ({"robot": "ant", "task": "heading", "num_envs": 2, "backend": "mujoco", "sim_threads": 0},
+     "sim_threads must be an integer >= 1.*got 0"),
 ])
 def test_registry_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -1,0 +1,227 @@
+"""The batched env: N worlds of one robot doing one task, episode logic over a physics backend.
+
+An env is data plus a few functions over it. The data: a physics object (one per backend, see
+below) with torch views of the simulator state (`env.sim`: qpos, qvel, ctrl, ..., shared memory,
+no copies), per-world episode buffers, and the task's target tensors. The functions: `reset`,
+`reset_done`, `step`, `root_states`. The episode logic lives here once, for every backend.
+
+One control step (`step`): clamp actions to [-1, 1] -> PD targets into ctrl -> task.update (resample
+expired targets) -> physics (DECIMATION physics steps) -> reward -> worlds with NaN / inf state go back
+to their initial state -> fall test, timeouts, sticky done flags -> obs. No host syncs. Finished worlds
+keep simulating until `reset_done()`.
+
+A physics backend is one module tasks/physics_<name>.py with
+    OVERRIDES: tuple               make_env overrides it takes (passed to make_physics)
+    make_physics(robot, mjm, num_envs, device, decimation, sim_threads, **overrides) -> physics, with
+        views                      the torch views robots and tasks read (tasks/base.py lists them)
+        step()                     one control step: decimation physics steps with ctrl held
+        forward(mask=None)         recompute xpos / xquat / cvel of the masked worlds (all if None)
+        clear_dynamics(mask)       forget accelerations / solver warm start of the masked worlds
+        overflowed() -> bool [N]   contacts or constraints were dropped for lack of buffer space
+        describe() -> str          backend, device and threads, for a run's banner
+"""
+
+import importlib
+
+import mujoco
+import numpy as np
+import torch
+
+from tasks import BACKENDS
+from tasks.base import check_device, quat_rotate
+
+ENV_OVERRIDES = ("decimation", "episode_length_s")
+
+
+def resolve_backend(backend, device):
+    """The backend module name for `backend` on `device` (a torch.device); ValueError naming the
+    valid ones for anything else."""
+    if backend == "auto":
+        return "mjwarp" if device.type == "cuda" else "mujoco"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid backends: {list(BACKENDS)}")
+    return backend
+
+
+class BatchedEnv:
+    def __init__(self, robot, task, num_envs, device="cpu", seed=0, backend="auto", sim_threads=None, **overrides):
+        if not isinstance(num_envs, (int, np.integer)) or isinstance(num_envs, bool) or num_envs < 1:
+            raise ValueError(f"num_envs must be an integer >= 1, got {num_envs!r}")
+        self.device = check_device(device)
+        self.backend = resolve_backend(backend, self.device)
+        physics_module = importlib.import_module(f"tasks.physics_{self.backend}")
+        self.robot, self.task = robot, task
+        self.robot_name, self.task_name = robot.NAME, task.NAME
+        self.num_envs = int(num_envs)
+        self.task_params = self._task_params(overrides, physics_module.OVERRIDES)
+
+        self.mjm = mujoco.MjModel.from_xml_path(robot.MJCF_PATH)
+        self.decimation = int(overrides.get("decimation", robot.DECIMATION))
+        if self.decimation < 1:
+            raise ValueError(f"decimation must be >= 1, got {self.decimation}")
+        self.physics_dt = float(self.mjm.opt.timestep)
+        self.control_dt = self.decimation * self.physics_dt
+        episode_length_s = float(overrides.get("episode_length_s", robot.EPISODE_LENGTH_S))
+        self.max_episode_length = max(1, round(episode_length_s / self.control_dt))
+        physics_overrides = {k: v for k, v in overrides.items() if k in physics_module.OVERRIDES}
+        self.physics = physics_module.make_physics(robot, self.mjm, self.num_envs, self.device, self.decimation,
+                                                   sim_threads, **physics_overrides)
+        self.sim = self.physics.views
+
+        self.num_actions = self.mjm.nu
+        self.num_task_obs = task.TASK_OBS_SIZE
+        self.num_obs = robot.NUM_ROBOT_OBS + self.num_task_obs
+        offset, scale = robot.pd_action_map(self.mjm)
+        self.pd_offset = torch.as_tensor(offset, dtype=torch.float32, device=self.device)
+        self.pd_scale = torch.as_tensor(scale, dtype=torch.float32, device=self.device)
+        self._allocate_buffers(seed)
+        self.reset()
+
+    def _task_params(self, overrides, physics_overrides):
+        """The task's settings: its defaults, the robot's TASK_PARAMS, then the overrides; a
+        ValueError names unknown overrides and the allowed ones."""
+        task_params = dict(self.task.DEFAULT_PARAMS)
+        task_params.update(getattr(self.robot, "TASK_PARAMS", {}).get(self.task.NAME, {}))
+        allowed = ENV_OVERRIDES + tuple(physics_overrides) + tuple(task_params)
+        unknown = sorted(set(overrides) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown override(s) {unknown} for robot {self.robot.NAME!r}, task "
+                             f"{self.task.NAME!r} and backend {self.backend!r}; allowed: {list(allowed)}")
+        task_params.update({k: v for k, v in overrides.items() if k in task_params})
+        return task_params
+
+    def _allocate_buffers(self, seed):
+        """Per-world episode buffers (sticky until reset_done), the generator, the task state."""
+        n, dev = self.num_envs, self.device
+        self.generator = torch.Generator(device=dev)  # every random draw of the env and task
+        self.seed(seed)
+        self.progress = torch.zeros(n, dtype=torch.int64, device=dev)  # control steps since reset
+        self.done_buf = torch.zeros(n, dtype=torch.bool, device=dev)
+        self.terminate_buf = torch.zeros(n, dtype=torch.bool, device=dev)
+        self.timeout_buf = torch.zeros(n, dtype=torch.bool, device=dev)
+        self.prev_root_pos = torch.zeros(n, 3, dtype=torch.float32, device=dev)  # root at step start
+        self.initial_qpos = torch.zeros_like(self.sim.qpos)  # state of each world's last reset
+        self.initial_qvel = torch.zeros_like(self.sim.qvel)
+        self.nonfinite_resets = torch.zeros((), dtype=torch.int64, device=dev)
+        self.task_state = self.task.make_state(n, dev, self.task_params, self.control_dt)
+
+    # ------------------------------------------------------------ physics
+    def physics_step(self):
+        """Advance all worlds by one control step (decimation physics steps)."""
+        self.physics.step()
+
+    def forward(self, mask=None):
+        """Recompute derived quantities (body poses, velocities) from qpos / qvel, of the worlds
+        where mask [N] is True (all when None)."""
+        self.physics.forward(mask)
+
+    def describe_backend(self):
+        """The backend, its device and threads, e.g. "mujoco (C MuJoCo 4.0.0, 2 threads)"."""
+        return self.physics.describe()
+
+    # ------------------------------------------------------------ state
+    def root_states(self):
+        qpos, qvel = self.sim.qpos, self.sim.qvel
+        quat = qpos[:, 3:7]
+        return {"pos": qpos[:, 0:3], "quat": quat, "lin_vel": qvel[:, 0:3],
+                "ang_vel": quat_rotate(quat, qvel[:, 3:6])}
+
+    def _task_root(self):
+        root = self.root_states()
+        root["prev_pos"] = self.prev_root_pos
+        root["control_dt"] = self.control_dt
+        return root
+
+    def compute_obs(self):
+        robot_obs = self.robot.compute_obs(self.sim)
+        task_obs = self.task.observe(self.task_state, self._task_root())
+        return {"obs": torch.cat([robot_obs, task_obs], dim=-1)}
+
+    def reset_worlds(self, reset_mask):
+        """Reset the worlds where reset_mask [N] is True; the others stay bit-identical."""
+        mask = reset_mask[:, None]
+        self.robot.reset_state(self.sim, reset_mask, self.generator)
+        self.initial_qpos.copy_(torch.where(mask, self.sim.qpos, self.initial_qpos))
+        self.initial_qvel.copy_(torch.where(mask, self.sim.qvel, self.initial_qvel))
+        self._clear_dynamics(reset_mask)
+        self.sim.time.copy_(torch.where(reset_mask, torch.zeros_like(self.sim.time), self.sim.time))
+        self.sim.ctrl.copy_(torch.where(mask, self.pd_offset.expand_as(self.sim.ctrl), self.sim.ctrl))
+        self.progress.masked_fill_(reset_mask, 0)
+        for buf in (self.done_buf, self.terminate_buf, self.timeout_buf):
+            buf.masked_fill_(reset_mask, False)
+        self.task.reset(self.task_state, self._task_root(), reset_mask, self.generator)
+
+    def _clear_dynamics(self, mask):
+        """A restarted world's trajectory depends only on its qpos / qvel: no accelerations or solver
+        warm start carried over, and its control step starts where it stands."""
+        self.physics.clear_dynamics(mask)
+        self.prev_root_pos.copy_(torch.where(mask[:, None], self.sim.qpos[:, 0:3], self.prev_root_pos))
+
+    def seed(self, seed):
+        """Reseed the env's random generator (initial states, task targets)."""
+        self.generator.manual_seed(seed)
+
+    def reset(self):
+        """Reset every world; returns {"obs": [N, num_obs]}."""
+        self.reset_worlds(torch.ones(self.num_envs, dtype=torch.bool, device=self.device))
+        self.forward()
+        return self.compute_obs()
+
+    def reset_done(self):
+        """Reset only the worlds that finished since their last reset; returns the obs of all worlds
+        (the others' obs are the ones their last step returned)."""
+        reset_mask = self.done_buf.clone()
+        self.reset_worlds(reset_mask)
+        if self.robot.NEEDS_FORWARD_AFTER_RESET:
+            self.forward(reset_mask)
+        return self.compute_obs()
+
+    def step(self, actions):
+        """One control step of every world: (obs_dict, reward [N], done [N], extras)."""
+        actions = torch.clamp(actions.to(self.device, torch.float32), -1.0, 1.0)
+        self.sim.ctrl.copy_(self.pd_offset + self.pd_scale * actions)
+        self.task.update(self.task_state, self._task_root(), self.generator)
+        self.prev_root_pos.copy_(self.sim.qpos[:, 0:3])
+        self.physics_step()
+        self.progress += 1
+
+        reward = self.task.reward(self.task_state, self._task_root())
+        nonfinite = self._restart_nonfinite_worlds()
+        reward = torch.where(nonfinite, torch.zeros_like(reward), reward)
+        self._update_done_flags(fell=self.robot.fallen(self.sim), nonfinite=nonfinite)
+
+        obs = self.compute_obs()["obs"]
+        obs = torch.where(nonfinite[:, None], torch.nan_to_num(obs, 0.0, 0.0, 0.0), obs)
+        extras = {"terminate": self.terminate_buf.clone(), "time_outs": self.timeout_buf.clone(),
+                  "nonfinite": nonfinite}
+        return {"obs": obs}, reward, self.done_buf.clone(), extras
+
+    def _restart_nonfinite_worlds(self):
+        """A world whose state became NaN / inf goes back to its initial state at once, so NaN never
+        reaches the obs, the solver's warm start or the other worlds. Returns the mask [N]."""
+        nonfinite = ~(torch.isfinite(self.sim.qpos).all(-1) & torch.isfinite(self.sim.qvel).all(-1))
+        mask = nonfinite[:, None]
+        self.sim.qpos.copy_(torch.where(mask, self.initial_qpos, self.sim.qpos))
+        self.sim.qvel.copy_(torch.where(mask, self.initial_qvel, self.sim.qvel))
+        self._clear_dynamics(nonfinite)
+        self.nonfinite_resets += nonfinite.sum()
+        return nonfinite
+
+    def _update_done_flags(self, fell, nonfinite):
+        """Sticky flags: a world that finishes keeps done and its terminate / time_outs of that step
+        until reset_done(). A non-finite world is reported done and terminate even if it had already
+        finished by timeout."""
+        fell = fell | nonfinite
+        timed_out = (self.progress >= self.max_episode_length) & ~fell
+        newly_done = ~self.done_buf & (fell | timed_out)
+        self.terminate_buf |= (newly_done & fell) | nonfinite
+        self.timeout_buf |= newly_done & timed_out
+        self.timeout_buf &= ~nonfinite
+        self.done_buf |= newly_done | nonfinite
+
+    def overflowed(self):
+        """Bool [N]: the world's contact or constraint buffers overflowed (contacts were dropped)."""
+        return self.physics.overflowed()
+
+    def get_task_obs_size(self):
+        return self.num_task_obs
