@@ -18,14 +18,15 @@ def requested_backend(argv: list) -> str:
             return argv[i + 1]
         if arg.startswith("--env-backend="):
             return arg.split("=", 1)[1]
-    return "mjwarp"
+    return "auto"
 
 
 ISAACGYM_MISSING = (
     "--env-backend isaacgym needs Isaac Gym Preview 4 (from NVIDIA, Python 3.8): download it from "
     "https://developer.nvidia.com/isaac-gym, then `pip install -e isaacgym/python` and "
     "`pip install -e IsaacGymEnvs` (https://github.com/isaac-sim/IsaacGymEnvs). "
-    "Without Isaac Gym, use the default --env-backend mjwarp."
+    "Without Isaac Gym, use the default --env-backend auto (MuJoCo Warp on a GPU, C MuJoCo on the CPU), "
+    "or --env-backend mjwarp / mujoco."
 )
 
 if __name__ == "__main__" and requested_backend(sys.argv[1:]) == "isaacgym":
@@ -87,8 +88,10 @@ class Args:
     """also save the final policy weights as runs/{run_name}/{exp_name}.cleanrl_model (checkpoints are always written)"""
 
     # Environment and low-level controller
-    env_backend: Literal["mjwarp", "isaacgym"] = "mjwarp"
-    """simulator: `mjwarp` (tasks/, MuJoCo Warp) or `isaacgym` (Isaac Gym Preview 4 + IsaacGymEnvs)"""
+    env_backend: Literal["auto", "mjwarp", "mujoco", "isaacgym"] = "auto"
+    """simulator: `auto` (tasks/: `mjwarp` on CUDA, `mujoco` on the CPU), `mjwarp` (tasks/, MuJoCo Warp), `mujoco` (tasks/, C MuJoCo on the CPU cores) or `isaacgym` (Isaac Gym Preview 4 + IsaacGymEnvs)"""
+    sim_threads: Optional[int] = None
+    """threads of the C MuJoCo simulator (`mujoco` backend; default: all cores)"""
     robot: Annotated[str, tyro.conf.arg(help=f"robot, one of {', '.join(ROBOTS)} (isaacgym: any name); names "
                                              "the default LLC checkpoint checkpoints/llc_{robot}.pt")] = "ant"
     task: Annotated[str, tyro.conf.arg(help=f"task, one of {', '.join(TASKS)} (isaacgym: the task name given "
@@ -204,7 +207,7 @@ def check_flags(args: Args):
     if args.style_reward_weight is not None and not 0.0 <= args.style_reward_weight <= 1.0:
         raise SystemExit(f"error: --style-reward-weight must lie in [0, 1], got {args.style_reward_weight}")
     if args.env_backend == "isaacgym" and args.capture_video:
-        raise SystemExit("error: --capture-video is supported with --env-backend mjwarp only (render Isaac Gym runs with its viewer)")
+        raise SystemExit("error: --capture-video is supported with the tasks/ backends (auto, mjwarp, mujoco) only (render Isaac Gym runs with its viewer)")
     if args.capture_video and importlib.util.find_spec("tasks.video") is None:
         raise SystemExit("error: --capture-video needs tasks/video.py, which this checkout lacks")
     if args.capture_video:
@@ -213,16 +216,16 @@ def check_flags(args: Args):
         available, reason = renderer_available()
         if not available:
             raise SystemExit(f"error: --capture-video: {reason}")
-    if args.env_backend == "mjwarp":
+    if args.env_backend != "isaacgym":
         from tasks import ROBOTS, TASKS
 
         if args.robot not in ROBOTS or args.task not in TASKS:
             raise SystemExit(f"error: --robot {args.robot} --task {args.task}: expected a robot in {ROBOTS} and a task in {TASKS}")
     if args.env_factory and args.env_backend != "isaacgym":
-        raise SystemExit(f"error: --env-factory {args.env_factory} is for --env-backend isaacgym; with mjwarp use --robot/--task")
+        raise SystemExit(f"error: --env-factory {args.env_factory} is for --env-backend isaacgym; with the tasks/ backends use --robot/--task")
     if args.env_backend == "isaacgym" and "isaacgym" not in sys.modules:
         raise SystemExit("error: --env-backend isaacgym must be given on the command line (Isaac Gym is imported before torch)")
-    for name in ("num_envs", "total_timesteps", "num_steps", "num_minibatches", "update_epochs", "checkpoint_interval", "eval_episodes"):
+    for name in ("num_envs", "sim_threads", "total_timesteps", "num_steps", "num_minibatches", "update_epochs", "checkpoint_interval", "eval_episodes"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {value}")
@@ -320,11 +323,11 @@ def as_obs_dict(obs):
 
 
 def make_env(args: Args, derived: Derived, num_envs: int, seed: int):
-    if args.env_backend == "mjwarp":
-        from tasks import make_env as make_mjwarp_env
+    if args.env_backend != "isaacgym":
+        from tasks import make_env as make_tasks_env
 
-        return make_mjwarp_env(robot=args.robot, task=args.task, num_envs=num_envs, device=str(derived.device), seed=seed,
-                               verbose=args.sim_verbose)
+        return make_tasks_env(robot=args.robot, task=args.task, num_envs=num_envs, device=str(derived.device), seed=seed,
+                              backend=args.env_backend, sim_threads=args.sim_threads, verbose=args.sim_verbose)
     if args.env_factory:
         module_name, _, function_name = args.env_factory.partition(":")
         factory = getattr(importlib.import_module(module_name), function_name or "make")
@@ -358,7 +361,7 @@ def load_frozen_llc(args: Args, derived: Derived, env):
     if llc.action_dim != env.num_actions:
         raise SystemExit(f"error: LLC {derived.llc_path} outputs {llc.action_dim} actions, env {args.robot}/{args.task} expects {env.num_actions}")
     trained_robot, trained_dt = llc.metadata.get("robot"), llc.metadata.get("control_dt")
-    if args.env_backend == "mjwarp" and trained_robot not in (None, args.robot):
+    if args.env_backend != "isaacgym" and trained_robot not in (None, args.robot):
         raise SystemExit(f"error: LLC {derived.llc_path} was trained for robot {trained_robot!r}, but --robot is {args.robot!r}")
     if trained_dt is not None and abs(trained_dt - env.control_dt) > 1e-6:
         print(f"warning: LLC {derived.llc_path} was trained at control_dt {trained_dt} s, the env steps {env.control_dt} s")
@@ -718,7 +721,7 @@ class RecordingEnv:
 
 
 def record_video(env, llc, agent, derived: Derived, task_obs_size: int, style_weight: float, path: str):
-    """One deterministic episode of world 0 as an MP4 (tasks.video, mjwarp backend)."""
+    """One deterministic episode of world 0 as an MP4 (tasks.video, tasks/ backends)."""
     from tasks.video import VideoRecorder
 
     obs = env.reset()["obs"]
@@ -850,7 +853,7 @@ if __name__ == "__main__":
     writer = SummaryWriter(run_dir)
     if resume_checkpoint is None:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])))
-    print(f"{run_name}: {env.num_envs} envs on {device}, k = {derived.llc_steps}, "
+    print(f"{run_name}: {env.num_envs} envs on {device}, simulator {env.describe_backend() if hasattr(env, 'describe_backend') else args.env_backend}, k = {derived.llc_steps}, "
           f"{'flat PPO' if derived.flat else f'LLC {derived.llc_path}'}, style weight {style_weight}, "
           f"{derived.num_iterations} iterations x {derived.sim_steps_per_iteration} simulator steps")
     if derived.num_iterations * derived.sim_steps_per_iteration != derived.total_timesteps:

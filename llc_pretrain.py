@@ -21,7 +21,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import Annotated, Optional, Tuple
+from typing import Annotated, Literal, Optional, Tuple
 
 import numpy as np
 import torch
@@ -64,6 +64,10 @@ class Args:
     sim_verbose: bool = False
     """let the simulator print its own messages (MuJoCo Warp's banner and kernel loading)"""
     robot: Annotated[str, tyro.conf.arg(help=f"robot to train, one of {', '.join(ROBOTS)}")] = "ant"
+    env_backend: Literal["auto", "mjwarp", "mujoco"] = "auto"
+    """simulator (tasks/): `auto` (`mjwarp` on CUDA, `mujoco` on the CPU), `mjwarp` (MuJoCo Warp) or `mujoco` (C MuJoCo on the CPU cores)"""
+    sim_threads: Optional[int] = None
+    """threads of the C MuJoCo simulator (`mujoco` backend; default: all cores)"""
     total_timesteps: int = 2_000_000
     """total simulator control steps (env.step calls times worlds); rounded down to whole iterations"""
     num_envs: int = 128
@@ -370,7 +374,8 @@ def evaluate_skills(checkpoint_path: str, args: Args, device: torch.device) -> d
     llc = load_llc(checkpoint_path, device=str(device))
     robot = llc.metadata.get("robot", args.robot)
     env = make_env(robot=robot, task="none", num_envs=args.eval_num_latents, device=str(device), seed=args.eval_seed,
-                   verbose=args.sim_verbose)
+                   backend=args.env_backend, sim_threads=args.sim_threads, verbose=args.sim_verbose)
+    print(f"simulator {env.describe_backend()}")
     llc.check_env(env.num_obs, env.get_task_obs_size(), path=checkpoint_path)
     num_control_steps = int(round(args.eval_seconds / env.control_dt))
     if num_control_steps > env.max_episode_length:
@@ -461,6 +466,8 @@ if __name__ == "__main__":
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
     flush_denormals_on_cpu(device)
+    if args.sim_threads is not None and args.sim_threads < 1:
+        raise SystemExit(f"error: --sim-threads must be >= 1, got {args.sim_threads}")
     if args.evaluate is not None:
         try:
             evaluate_skills(args.evaluate, args, device)
@@ -502,7 +509,8 @@ if __name__ == "__main__":
 
     # env setup: task "none", the LLC sees the observation without a task part
     env = make_env(robot=args.robot, task="none", num_envs=args.num_envs, device=str(device), seed=args.seed,
-                   verbose=args.sim_verbose)
+                   backend=args.env_backend, sim_threads=args.sim_threads, verbose=args.sim_verbose)
+    print(f"{run_name}: {args.num_envs} envs on {device}, simulator {env.describe_backend()}")
     llc_obs_dim = env.num_obs - env.get_task_obs_size()
     action_dim = env.num_actions
     projection = make_skill_projection(latent_dim, args.skill_seed).to(device)

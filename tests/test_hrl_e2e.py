@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import mujoco
 import pytest
 import torch
 
@@ -70,6 +71,7 @@ def test_short_run_writes_tensorboard_events_and_a_checkpoint(trained_run):
     assert checkpoint["global_step"] == 80 and checkpoint["iteration"] == 2
     assert checkpoint["args"]["llc_steps"] == 5 and checkpoint["args"]["num_envs"] == 2
     assert "iter 2/2 step 80" in result.stdout
+    assert f"simulator mujoco (C MuJoCo {mujoco.__version__}, {os.cpu_count()} thread" in result.stdout  # the CPU default
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
