@@ -1,17 +1,21 @@
 """What the trainer's rollout costs on top of the physics, in simulator steps per second.
 
-For each number of worlds N, on the same env (robot, task heading) in the same run:
-    physics   the captured physics graph alone (env.physics_step), the limit to compare against
+For each number of worlds N and env backend (`mjwarp`, `mujoco`), on the same robot and task
+(heading) in the same run:
+    physics   the backend's physics alone (env.physics_step; for mjwarp the captured graph)
     env.step  env.step with fixed random actions (physics + PD targets + obs + reward + flags)
     rollout   the trainer's rollout loop (hrl_ppo_continuous.py): policy forward pass, the
               hierarchical step (k LLC forward passes and env.step calls, reward aggregation),
               bootstrap value, episode statistics, reset_done()
     flat      the same loop without an LLC (k = 1), as the flat baseline runs it
-    rollout / physics   the fraction of the raw physics speed the trainer keeps
+    C         raw C MuJoCo physics (mujoco.rollout with --threads threads, the mujoco backend's
+              count), same initial states and actions: the limit on a CPU
+    rollout / physics   the fraction of the backend's physics speed the trainer keeps
+    env.step / C        env.step against the raw C MuJoCo limit
 Simulator steps = control steps x worlds. The policy is untrained (random weights), which costs
 the same as a trained one.
 
-    python bench/bench_rollout.py --robot ant --num-envs 64 256 --high-level-steps 20
+    python bench/bench_rollout.py --robot ant --num-envs 1 64 256 --high-level-steps 20
 """
 
 import argparse
@@ -19,11 +23,12 @@ import os
 import sys
 import time
 
+import mujoco
 import torch
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_DIR)
-from bench.bench_sim import cpu_model_name, sync  # noqa: E402
+from bench.bench_sim import cpu_model_name, sync, time_c_mujoco  # noqa: E402
 from hrl_ppo_continuous import Agent, EpisodeStats, bootstrap_value, hierarchical_step  # noqa: E402
 from llc import load_llc  # noqa: E402
 from tasks import ROBOTS, make_env  # noqa: E402
@@ -46,8 +51,18 @@ def time_physics(env, control_steps):
     return control_steps * env.num_envs / time_steps(env.physics_step, control_steps, env.device)
 
 
+def fixed_actions(env):
+    return torch.rand(env.num_envs, env.num_actions, device=env.device, generator=torch.Generator(env.device).manual_seed(0)) * 2 - 1
+
+
+def time_raw_c_mujoco(env, control_steps, threads):
+    """Raw C MuJoCo on the env's model, the fixed actions held, in control steps/s (x N worlds)."""
+    actions = fixed_actions(env).expand(control_steps, -1, -1)
+    return time_c_mujoco(env, actions, threads, reset_every=control_steps) / env.decimation
+
+
 def time_env_step(env, control_steps):
-    actions = torch.rand(env.num_envs, env.num_actions, device=env.device, generator=torch.Generator(env.device).manual_seed(0)) * 2 - 1
+    actions = fixed_actions(env)
     env.reset()
 
     def step():
@@ -87,7 +102,11 @@ def main():
     parser.add_argument("--num-envs", nargs="+", type=int, default=None,
                         help="worlds (default 1 64 256, plus 1024 4096 16384 on CUDA)")
     parser.add_argument("--high-level-steps", type=int, default=20, help=f"timed high-level steps (x {LLC_STEPS} control steps)")
-    parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu",
+                        help="device of the mjwarp backend and the networks (the mujoco backend runs on the CPU)")
+    parser.add_argument("--backends", nargs="+", default=["mjwarp", "mujoco"], choices=["mjwarp", "mujoco"])
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="C MuJoCo threads: the mujoco backend's sim_threads and the raw rollout reference")
     args = parser.parse_args()
     llc_path = args.llc_checkpoint or os.path.join(REPO_DIR, "checkpoints", f"llc_{args.robot}.pt")
     llc = load_llc(llc_path, device=args.device)
@@ -97,15 +116,24 @@ def main():
     print(f"device {args.device} ({device_name}), {os.cpu_count()} CPU cores, torch {torch.__version__} with "
           f"{torch.get_num_threads()} threads; robot {args.robot}, task heading, LLC {os.path.relpath(llc_path)}, "
           f"k = {LLC_STEPS}, {control_steps} control steps per measurement")
-    print(f"{'N':>6} {'physics':>10} {'env.step':>10} {'rollout':>10} {'flat':>10} {'rollout / physics':>18}  (simulator steps/s)")
+    print(f"C MuJoCo {mujoco.__version__} with {args.threads} threads")
+    print(f"{'N':>6} {'backend':>7} {'physics':>10} {'env.step':>10} {'rollout':>10} {'flat':>10} {'C':>10} "
+          f"{'rollout / physics':>18} {'env.step / C':>13}  (simulator steps/s)")
     for n in num_envs:
-        env = make_env(args.robot, "heading", n, device=args.device, seed=0)
-        physics = time_physics(env, control_steps)
-        env_step = time_env_step(env, control_steps)
-        rollout = time_rollout(env, llc, args.high_level_steps)
-        flat = time_rollout(env, None, control_steps)
-        print(f"{n:>6} {physics:>10,.0f} {env_step:>10,.0f} {rollout:>10,.0f} {flat:>10,.0f} {rollout / physics:>18.2f}", flush=True)
-        del env
+        c_rate = None
+        for backend in args.backends:
+            if backend == "mujoco" and args.device != "cpu":
+                continue  # the networks and the env must share a device
+            env = make_env(args.robot, "heading", n, device=args.device, seed=0, backend=backend, sim_threads=args.threads)
+            if c_rate is None:
+                c_rate = time_raw_c_mujoco(env, control_steps, args.threads)
+            physics = time_physics(env, control_steps)
+            env_step = time_env_step(env, control_steps)
+            rollout = time_rollout(env, llc, args.high_level_steps)
+            flat = time_rollout(env, None, control_steps)
+            print(f"{n:>6} {backend:>7} {physics:>10,.0f} {env_step:>10,.0f} {rollout:>10,.0f} {flat:>10,.0f} {c_rate:>10,.0f} "
+                  f"{rollout / physics:>18.2f} {env_step / c_rate:>13.2f}", flush=True)
+            del env
 
 
 if __name__ == "__main__":

@@ -1,21 +1,24 @@
-"""Simulator throughput: MuJoCo Warp batched env vs plain C MuJoCo on the same model, same run.
+"""Simulator throughput: each env backend vs raw C MuJoCo physics on the same model, same run.
 
-For each robot and number of worlds N it prints
-    physics  world-steps/s  of the captured physics graph alone (decimation physics steps per replay;
-             the PD targets written before each replay)
+For each robot, number of worlds N and backend (`mjwarp`: MuJoCo Warp, `mujoco`: C MuJoCo through
+tasks/physics_mujoco.py) it prints
+    physics  world-steps/s  of the backend's physics alone (env.physics_step: one control step =
+             decimation physics steps; for mjwarp the captured graph; the PD targets written before)
     env      control steps/s of env.step (physics + obs + reward + done bookkeeping), x N worlds,
              with reset_done() every 5 control steps as the trainer calls it
-    C        world-steps/s  of plain C MuJoCo (mujoco.rollout, one thread per CPU core) from the same
-             initial states with the same PD targets held for each control step
-    ratio    physics / C
-    eager    (with --eager) world-steps/s of the same physics stepped eagerly, kernel by kernel,
-             instead of replaying the captured graph
+    C        world-steps/s  of raw C MuJoCo physics (mujoco.rollout with --threads threads, the
+             same count the `mujoco` backend uses) from the same initial states with the same PD
+             targets, 30 control steps per rollout call: the limit on a CPU
+    physics / C    the backend's physics against the raw limit
+    env / C        env.step control steps/s against the raw limit in control steps/s
+    eager    (with --eager, mjwarp only) world-steps/s of the same physics stepped eagerly, kernel
+             by kernel, instead of replaying the captured graph
 Random actions in [-1, 1]; N = 1, 64, 256 on CPU, plus 1024, 4096, 16384 when CUDA is available.
 Physics and C MuJoCo restart from reset states every --reset-every control steps (default 30, 1 s):
 a humanoid left lying on the floor under random full-range PD targets for several seconds becomes
 numerically unstable in both engines, and timing exploded worlds measures nothing useful.
 
-    python bench/bench_sim.py --robots ant --num-envs 1 64 256 --steps 200
+    python bench/bench_sim.py --robots ant humanoid --num-envs 1 64 256 --steps 200
 """
 
 import argparse
@@ -37,7 +40,7 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_warp(env, steps, warmup, reset_every):
+def time_env(env, steps, warmup, reset_every):
     """Physics alone, then env.step, on the same random actions. Worlds restart from a reset every
     `reset_every` control steps (untimed) for the physics, and env.step runs with reset_done() every
     5 control steps as the trainer calls it: both measure bodies moving from reset, not worlds that
@@ -76,7 +79,7 @@ def time_eager_physics(env, steps):
     sync(env.device)
     start = time.perf_counter()
     for _ in range(steps):
-        env._launch(None, env._physics_eager)
+        env.physics._launch(None, env.physics.step_eager)
     sync(env.device)
     return steps * env.decimation * env.num_envs / (time.perf_counter() - start)
 
@@ -126,8 +129,11 @@ def main():
     parser.add_argument("--steps", type=int, default=200, help="timed control steps per measurement")
     parser.add_argument("--warmup", type=int, default=20, help="untimed control steps first")
     parser.add_argument("--reset-every", type=int, default=30, help="physics and C MuJoCo restart from a reset every this many control steps")
-    parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="C MuJoCo rollout threads")
+    parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu",
+                        help="device of the mjwarp backend (the mujoco backend runs on the CPU)")
+    parser.add_argument("--backends", nargs="+", default=["mjwarp", "mujoco"], choices=["mjwarp", "mujoco"])
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="C MuJoCo threads: the mujoco backend's sim_threads and the raw rollout reference")
     parser.add_argument("--no-reference", action="store_true", help="skip the C MuJoCo reference")
     parser.add_argument("--eager", action="store_true", help="also time eager (not captured) physics")
     args = parser.parse_args()
@@ -135,18 +141,25 @@ def main():
     device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else cpu_model_name()
     print(f"device {args.device} ({device_name}), {os.cpu_count()} CPU cores, {args.steps} control steps, "
           f"C MuJoCo {mujoco.__version__} with {args.threads} threads, restart every {args.reset_every} control steps")
-    header = f"{'robot':>8} {'N':>6} {'physics world-steps/s':>22} {'env control steps/s':>20} " \
-             f"{'C MuJoCo world-steps/s':>23} {'ratio':>7}" + (f" {'eager world-steps/s':>20}" if args.eager else "")
+    header = f"{'robot':>8} {'backend':>7} {'N':>6} {'physics world-steps/s':>22} {'env control steps/s':>20} " \
+             f"{'C MuJoCo world-steps/s':>23} {'physics / C':>11} {'env / C':>7}" + \
+             (f" {'eager world-steps/s':>20}" if args.eager else "")
     print(header)
     for robot in args.robots:
         for n in num_envs:
-            env = make_env(robot, "none", n, device=args.device, seed=0)
-            physics_rate, control_rate, actions = time_warp(env, args.steps, args.warmup, args.reset_every)
-            c_rate = float("nan") if args.no_reference else time_c_mujoco(env, actions, args.threads, args.reset_every)
-            eager = f" {time_eager_physics(env, max(1, args.steps // 4)):>20,.0f}" if args.eager else ""
-            print(f"{robot:>8} {n:>6} {physics_rate:>22,.0f} {control_rate:>20,.0f} {c_rate:>23,.0f} "
-                  f"{physics_rate / c_rate:>7.2f}{eager}", flush=True)
-            del env
+            c_rate = None
+            for backend in args.backends:
+                device = args.device if backend == "mjwarp" else "cpu"
+                env = make_env(robot, "none", n, device=device, seed=0, backend=backend, sim_threads=args.threads)
+                physics_rate, control_rate, actions = time_env(env, args.steps, args.warmup, args.reset_every)
+                if c_rate is None:
+                    c_rate = float("nan") if args.no_reference else time_c_mujoco(env, actions, args.threads, args.reset_every)
+                eager = ""
+                if args.eager:
+                    eager = f" {time_eager_physics(env, max(1, args.steps // 4)):>20,.0f}" if backend == "mjwarp" else f" {'-':>20}"
+                print(f"{robot:>8} {backend:>7} {n:>6} {physics_rate:>22,.0f} {control_rate:>20,.0f} {c_rate:>23,.0f} "
+                      f"{physics_rate / c_rate:>11.2f} {control_rate * env.decimation / c_rate:>7.2f}{eager}", flush=True)
+                del env
 
 
 if __name__ == "__main__":

@@ -24,16 +24,20 @@ def table_row(stdout, first_columns):
     raise AssertionError(f"no row {first_columns} in:\n{stdout}")
 
 
-def test_bench_sim_prints_warp_and_c_mujoco_rates():
+def test_bench_sim_prints_each_backend_beside_raw_c_mujoco():
     stdout = run_bench("bench_sim.py", "--robots", "ant", "--num-envs", "2", "--steps", "3", "--warmup", "1", "--threads", "1")
-    physics, env_step, c_mujoco, ratio = table_row(stdout, ["ant", "2"])
-    assert min(physics, env_step, c_mujoco) > 0
-    assert abs(ratio - physics / c_mujoco) < 0.01 + 0.01 * ratio
+    for backend in ("mjwarp", "mujoco"):
+        physics, env_step, c_mujoco, ratio, env_ratio = table_row(stdout, ["ant", backend, "2"])
+        assert min(physics, env_step, c_mujoco) > 0
+        assert abs(ratio - physics / c_mujoco) < 0.01 + 0.01 * ratio
+        assert abs(env_ratio - env_step * 3 / c_mujoco) < 0.01 + 0.01 * env_ratio  # the ant: 3 physics steps per control step
 
 
 def test_bench_rollout_prints_the_trainer_loop_beside_the_physics():
-    stdout = run_bench("bench_rollout.py", "--num-envs", "2", "--high-level-steps", "1")
+    stdout = run_bench("bench_rollout.py", "--num-envs", "2", "--high-level-steps", "1", "--threads", "1")
     assert re.search(r"LLC checkpoints/llc_ant\.pt, k = 5", stdout)
-    physics, env_step, rollout, flat, ratio = table_row(stdout, ["2"])
-    assert min(physics, env_step, rollout, flat) > 0
-    assert abs(ratio - rollout / physics) < 0.01 + 0.01 * ratio
+    for backend in ("mjwarp", "mujoco"):
+        physics, env_step, rollout, flat, c_mujoco, ratio, env_ratio = table_row(stdout, ["2", backend])
+        assert min(physics, env_step, rollout, flat, c_mujoco) > 0
+        assert abs(ratio - rollout / physics) < 0.01 + 0.01 * ratio
+        assert abs(env_ratio - env_step / c_mujoco) < 0.01 + 0.01 * env_ratio
