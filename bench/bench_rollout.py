@@ -107,7 +107,12 @@ def main():
     parser.add_argument("--backends", nargs="+", default=["mjwarp", "mujoco"], choices=["mjwarp", "mujoco"])
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="C MuJoCo threads: the mujoco backend's sim_threads and the raw rollout reference")
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="torch threads (0: torch's default); the env's tensor ops are small, and on a small "
+                             "or shared CPU more threads contend with the simulator's")
     args = parser.parse_args()
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
     llc_path = args.llc_checkpoint or os.path.join(REPO_DIR, "checkpoints", f"llc_{args.robot}.pt")
     llc = load_llc(llc_path, device=args.device)
     num_envs = args.num_envs or ([1, 64, 256] + ([1024, 4096, 16384] if args.device.startswith("cuda") else []))

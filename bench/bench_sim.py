@@ -136,11 +136,17 @@ def main():
                         help="C MuJoCo threads: the mujoco backend's sim_threads and the raw rollout reference")
     parser.add_argument("--no-reference", action="store_true", help="skip the C MuJoCo reference")
     parser.add_argument("--eager", action="store_true", help="also time eager (not captured) physics")
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="torch threads (0: torch's default); the env's tensor ops are small, and on a small "
+                             "or shared CPU more threads contend with the simulator's")
     args = parser.parse_args()
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
     num_envs = args.num_envs or ([1, 64, 256] + ([1024, 4096, 16384] if args.device.startswith("cuda") else []))
     device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else cpu_model_name()
     print(f"device {args.device} ({device_name}), {os.cpu_count()} CPU cores, {args.steps} control steps, "
-          f"C MuJoCo {mujoco.__version__} with {args.threads} threads, restart every {args.reset_every} control steps")
+          f"C MuJoCo {mujoco.__version__} with {args.threads} threads, torch {torch.get_num_threads()} threads, "
+          f"restart every {args.reset_every} control steps")
     header = f"{'robot':>8} {'backend':>7} {'N':>6} {'physics world-steps/s':>22} {'env control steps/s':>20} " \
              f"{'C MuJoCo world-steps/s':>23} {'physics / C':>11} {'env / C':>7}" + \
              (f" {'eager world-steps/s':>20}" if args.eager else "")
