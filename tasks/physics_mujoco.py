@@ -5,10 +5,12 @@ every world starts from its state (float64, MuJoCo's mjSTATE_FULLPHYSICS: time, 
 solver warm start, holds its PD targets for `decimation` physics steps, and writes its states and
 sensor values into preallocated arrays. No Python loop over worlds.
 
-Why rollout and not a pool of Python threads over per-world MjData (mj_step releases the GIL):
-humanoid, N = 256, 2 cores, control steps/s: Python threads 9.5k (1 thread) -> 10.1k (2 threads),
-the GIL between calls keeps them from scaling; rollout with 2 threads 14.2k (docs/design notes;
-`bench/bench_sim.py` prints the rollout reference in every run).
+Why rollout and not a pool of Python threads over per-world MjData (mj_step releases the GIL, but
+every call takes it back): N = 256, 2 cores, one call per control step, control steps/s. Idle
+machine, humanoid from a standing start: Python threads 9.5k (1 thread) -> 10.1k (2 threads),
+rollout with 2 threads 14.2k. Shared, busy machine, one run: humanoid threads 5.1k-5.4k vs
+rollout 5.5k-6.1k; ant threads 12.0k-13.6k vs rollout 15.2k-23.4k. `bench/bench_sim.py` prints raw
+rollout physics beside the env in every run.
 
 State shared with torch: MuJoCo computes in float64, the robots read float32 (as on MuJoCo Warp).
 `views` are torch tensors over float32 numpy arrays (torch.from_numpy, shared memory). Each step
