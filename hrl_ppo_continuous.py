@@ -111,6 +111,8 @@ class Args:
     style_reward_weight: Annotated[Optional[float], default_is(
         "0.1 when the LLC has a discriminator and the env gives AMP observations, else 0")] = None
     """w in r = (1 - w) * task + w * style"""
+    local_root_obs: bool = False
+    """ASE's localRootObs for the humanoid's policy and AMP observations (ASE's LLC yamls set it true); tasks/ humanoid only"""
 
     # PPO (ASE's high-level values where they fit; see README for the ones that differ)
     total_timesteps: Annotated[Optional[int], default_is("50M on CUDA, 300k on the CPU")] = None
@@ -221,6 +223,9 @@ def check_flags(args: Args):
 
         if args.robot not in ROBOTS or args.task not in TASKS:
             raise SystemExit(f"error: --robot {args.robot} --task {args.task}: expected a robot in {ROBOTS} and a task in {TASKS}")
+    if args.local_root_obs and (args.env_backend == "isaacgym" or args.robot != "humanoid"):
+        raise SystemExit(f"error: --local-root-obs is for --robot humanoid on the tasks/ backends (got --robot {args.robot}, "
+                         f"--env-backend {args.env_backend}; Isaac Gym tasks take it from their yaml)")
     if args.env_factory and args.env_backend != "isaacgym":
         raise SystemExit(f"error: --env-factory {args.env_factory} is for --env-backend isaacgym; with the tasks/ backends use --robot/--task")
     if args.env_backend == "isaacgym" and "isaacgym" not in sys.modules:
@@ -326,8 +331,9 @@ def make_env(args: Args, derived: Derived, num_envs: int, seed: int):
     if args.env_backend != "isaacgym":
         from tasks import make_env as make_tasks_env
 
+        overrides = {"local_root_obs": True} if args.local_root_obs else {}
         return make_tasks_env(robot=args.robot, task=args.task, num_envs=num_envs, device=str(derived.device), seed=seed,
-                              backend=args.env_backend, sim_threads=args.sim_threads, verbose=args.sim_verbose)
+                              backend=args.env_backend, sim_threads=args.sim_threads, verbose=args.sim_verbose, **overrides)
     if args.env_factory:
         module_name, _, function_name = args.env_factory.partition(":")
         factory = getattr(importlib.import_module(module_name), function_name or "make")
@@ -392,6 +398,7 @@ class HighLevelStep(NamedTuple):
     control_steps: torch.Tensor  # [N] inner steps counted (up to and including the finish)
     done: torch.Tensor  # [N] bool: the episode ended in this window (any inner step)
     terminate: torch.Tensor  # [N] bool: it ended by failure (any inner step); timeouts are not failures
+    style_reward: Optional[torch.Tensor] = None  # [N] mean style reward over the counted inner steps (None: w = 0)
 
 
 def hierarchical_step(env, llc, high_action, obs, llc_steps: int, task_obs_size: int, style_weight: float = 0.0) -> HighLevelStep:
@@ -433,9 +440,10 @@ def hierarchical_step(env, llc, high_action, obs, llc_steps: int, task_obs_size:
     bootstrap_obs = torch.where(done.unsqueeze(-1), finish_obs, obs)
     # control_steps >= 1: every env starts the window unfinished (reset_done() before it).
     reward = (1.0 - style_weight) * task_reward_sum / control_steps
-    if style_weight > 0.0:
-        reward += style_weight * style_reward_sum / control_steps
-    return HighLevelStep(obs, bootstrap_obs, reward, task_reward_sum, control_steps, done, terminate)
+    style_reward = style_reward_sum / control_steps if style_weight > 0.0 else None
+    if style_reward is not None:
+        reward += style_weight * style_reward
+    return HighLevelStep(obs, bootstrap_obs, reward, task_reward_sum, control_steps, done, terminate, style_reward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -869,6 +877,7 @@ if __name__ == "__main__":
     dones = torch.zeros((args.num_steps, env.num_envs), device=device)
     values = torch.zeros((args.num_steps, env.num_envs), device=device)
     next_values = torch.zeros((args.num_steps, env.num_envs), device=device)
+    style_rewards = torch.zeros((args.num_steps, env.num_envs), device=device)  # mean per high-level step
     episode_stats = EpisodeStats(env.num_envs, device)
 
     signal.signal(signal.SIGINT, request_stop)
@@ -892,6 +901,8 @@ if __name__ == "__main__":
 
             result = hierarchical_step(env, llc, action, next_obs, derived.llc_steps, task_obs_size, style_weight)
             rewards[step] = result.reward
+            if result.style_reward is not None:
+                style_rewards[step] = result.style_reward
             dones[step] = result.done.float()
             next_values[step] = bootstrap_value(agent, result)
             episode_stats.update(result)
@@ -908,6 +919,8 @@ if __name__ == "__main__":
 
         # logging: everything comes to the host in one transfer per iteration
         metrics["charts/mean_reward"] = rewards.mean()
+        if style_weight > 0.0:
+            metrics["charts/style_reward"] = style_rewards.mean()
         if hasattr(env, "nonfinite_resets"):
             metrics["charts/nonfinite_resets"] = env.nonfinite_resets.to(device=device, dtype=torch.float32)
         host_values = torch.cat([torch.stack(list(metrics.values())), episode_stats.take()]).tolist()

@@ -34,6 +34,11 @@ Robot module interface (one file per robot, e.g. tasks/ant.py). A robot module p
     TASK_PARAMS: dict              optional, per task name: robot-scaled task settings, e.g.
                                    {"heading": {"speed_range": (0.4, 0.8)}}.
     MAX_CONTACTS_PER_WORLD: int    optional, MuJoCo Warp's contact buffer per world (default 8 per geom).
+    LOCAL_ROOT_OBS: bool           optional, ASE's localRootObs default; a robot with it takes
+                                   compute_obs(sim, local_root_obs=...) (the make_env override local_root_obs).
+    amp_observation(sim, local_root_obs) -> [N, F]   optional, the current AMP frame (tasks/amp.py); the env
+                                   then keeps ASE's history of frames (extras["amp_obs"]). Needs
+                                   NEEDS_FORWARD_AFTER_RESET (the frame reads body poses).
 
 Task module interface (one file per task, e.g. tasks/heading.py). A task module provides:
     TASK_OBS_SIZE: int             appended at the END of the observation.

@@ -5,9 +5,14 @@ below) with torch views of the simulator state (`env.sim`: qpos, qvel, ctrl, ...
 no copies), per-world episode buffers, and the task's target tensors. The functions: `reset`,
 `reset_done`, `step`, `root_states`. The episode logic lives here once, for every backend.
 
+AMP observations (robots with `amp_observation`, the humanoid): the env keeps ASE's history of AMP
+frames, [N, NUM_AMP_OBS_STEPS, frame size], newest first. Each step shifts it by one and puts the
+frame of the new state in front; `extras["amp_obs"]` is the flattened history [N, get_num_amp_obs()]
+a discriminator reads. A reset fills the reset worlds' history with copies of their current frame.
+
 One control step (`step`): clamp actions to [-1, 1] -> PD targets into ctrl -> task.update (resample
 expired targets) -> physics (DECIMATION physics steps) -> reward -> worlds with NaN / inf state go back
-to their initial state -> fall test, timeouts, sticky done flags -> obs. No host syncs. Finished worlds
+to their initial state -> fall test, timeouts, sticky done flags -> obs -> AMP history. No host syncs. Finished worlds
 keep simulating until `reset_done()`.
 
 A physics backend is one module tasks/physics_<name>.py with
@@ -28,9 +33,10 @@ import numpy as np
 import torch
 
 from tasks import BACKENDS
+from tasks.amp import fill_amp_history, make_amp_history, push_amp_frame
 from tasks.base import check_device, quat_rotate
 
-ENV_OVERRIDES = ("decimation", "episode_length_s")
+ENV_OVERRIDES = ("decimation", "episode_length_s", "local_root_obs")
 
 
 def resolve_backend(backend, device):
@@ -54,6 +60,8 @@ class BatchedEnv:
         self.robot_name, self.task_name = robot.NAME, task.NAME
         self.num_envs = int(num_envs)
         self.task_params = self._task_params(overrides, physics_module.OVERRIDES)
+        self.has_amp_obs = hasattr(robot, "amp_observation")
+        self.local_root_obs = self._local_root_obs(overrides)
 
         self.mjm = mujoco.MjModel.from_xml_path(robot.MJCF_PATH)
         self.decimation = int(overrides.get("decimation", robot.DECIMATION))
@@ -90,6 +98,16 @@ class BatchedEnv:
         task_params.update({k: v for k, v in overrides.items() if k in task_params})
         return task_params
 
+    def _local_root_obs(self, overrides):
+        """ASE's localRootObs for the robot's policy and AMP observations: the override, else the robot's
+        LOCAL_ROOT_OBS; a ValueError for a robot whose observations have no such setting."""
+        if not hasattr(self.robot, "LOCAL_ROOT_OBS"):
+            if overrides.get("local_root_obs"):
+                raise ValueError(f"robot {self.robot.NAME!r} has no local_root_obs setting (only robots with "
+                                 f"LOCAL_ROOT_OBS, e.g. the humanoid)")
+            return None
+        return bool(overrides.get("local_root_obs", self.robot.LOCAL_ROOT_OBS))
+
     def _allocate_buffers(self, seed):
         """Per-world episode buffers (sticky until reset_done), the generator, the task state."""
         n, dev = self.num_envs, self.device
@@ -104,6 +122,7 @@ class BatchedEnv:
         self.initial_qvel = torch.zeros_like(self.sim.qvel)
         self.nonfinite_resets = torch.zeros((), dtype=torch.int64, device=dev)
         self.task_state = self.task.make_state(n, dev, self.task_params, self.control_dt)
+        self.amp_history = make_amp_history(n, dev) if self.has_amp_obs else None
 
     # ------------------------------------------------------------ physics
     def physics_step(self):
@@ -133,7 +152,10 @@ class BatchedEnv:
         return root
 
     def compute_obs(self):
-        robot_obs = self.robot.compute_obs(self.sim)
+        if self.local_root_obs is None:
+            robot_obs = self.robot.compute_obs(self.sim)
+        else:
+            robot_obs = self.robot.compute_obs(self.sim, local_root_obs=self.local_root_obs)
         task_obs = self.task.observe(self.task_state, self._task_root())
         return {"obs": torch.cat([robot_obs, task_obs], dim=-1)}
 
@@ -163,8 +185,10 @@ class BatchedEnv:
 
     def reset(self):
         """Reset every world; returns {"obs": [N, num_obs]}."""
-        self.reset_worlds(torch.ones(self.num_envs, dtype=torch.bool, device=self.device))
+        reset_mask = torch.ones(self.num_envs, dtype=torch.bool, device=self.device)
+        self.reset_worlds(reset_mask)
         self.forward()
+        self._fill_amp_history(reset_mask)
         return self.compute_obs()
 
     def reset_done(self):
@@ -174,6 +198,7 @@ class BatchedEnv:
         self.reset_worlds(reset_mask)
         if self.robot.NEEDS_FORWARD_AFTER_RESET:
             self.forward(reset_mask)
+        self._fill_amp_history(reset_mask)
         return self.compute_obs()
 
     def step(self, actions):
@@ -194,6 +219,8 @@ class BatchedEnv:
         obs = torch.where(nonfinite[:, None], torch.nan_to_num(obs, 0.0, 0.0, 0.0), obs)
         extras = {"terminate": self.terminate_buf.clone(), "time_outs": self.timeout_buf.clone(),
                   "nonfinite": nonfinite}
+        if self.has_amp_obs:
+            extras["amp_obs"] = self._push_amp_frame(nonfinite)
         return {"obs": obs}, reward, self.done_buf.clone(), extras
 
     def _restart_nonfinite_worlds(self):
@@ -225,3 +252,29 @@ class BatchedEnv:
 
     def get_task_obs_size(self):
         return self.num_task_obs
+
+    # ------------------------------------------------------------ AMP observations
+    def get_num_amp_obs(self):
+        """Size of extras["amp_obs"]: NUM_AMP_OBS_STEPS frames (1250 for the humanoid); 0 for a robot
+        without AMP observations."""
+        return 0 if self.amp_history is None else self.amp_history[0].numel()
+
+    def amp_observation(self):
+        """The AMP frame of the current state of every world, [N, frame size] (125 for the humanoid);
+        after a step it equals frame 0 of extras["amp_obs"] (except in worlds restarted as non-finite)."""
+        if not self.has_amp_obs:
+            raise ValueError(f"robot {self.robot.NAME!r} provides no AMP observations")
+        return self.robot.amp_observation(self.sim, self.local_root_obs)
+
+    def _fill_amp_history(self, reset_mask):
+        """After a reset: every frame of the reset worlds' history becomes their current frame."""
+        if self.has_amp_obs:
+            fill_amp_history(self.amp_history, self.amp_observation(), reset_mask)
+
+    def _push_amp_frame(self, nonfinite):
+        """After a step: shift the history, the current frame in front (zeros in place of NaN / inf in
+        the worlds that were just restarted); returns the flattened history [N, get_num_amp_obs()]."""
+        frame = self.amp_observation()
+        frame = torch.where(nonfinite[:, None], torch.nan_to_num(frame, 0.0, 0.0, 0.0), frame)
+        push_amp_frame(self.amp_history, frame)
+        return self.amp_history.reshape(self.num_envs, -1).clone()

@@ -268,3 +268,12 @@ def reset_state(sim, reset_mask, generator):
     mask = reset_mask[:, None]
     sim.qpos.copy_(torch.where(mask, qpos.to(sim.qpos.dtype), sim.qpos))
     sim.qvel.copy_(torch.where(mask, qvel.to(sim.qvel.dtype), sim.qvel))
+
+
+# ---------------------------------------------------------------- AMP observation
+def amp_observation(sim, local_root_obs):
+    """ASE's AMP frame of the current state, [N, 125] float32 (layout and conventions in tasks/amp.py,
+    which imports this module: hence the import here)."""
+    from tasks import amp
+
+    return amp.amp_observation(sim, local_root_obs)

@@ -1,6 +1,7 @@
 """End-to-end runs of hrl_ppo_continuous.py as a subprocess: CPU, ant on MuJoCo Warp with 2 envs and a
 tiny budget, and the Isaac Gym path through the fake modules in tests/fake_isaacgym."""
 import glob
+import math
 import os
 import signal
 import subprocess
@@ -190,3 +191,24 @@ def test_isaacgym_env_factory_and_sigterm_writes_a_checkpoint(tmp_path):
     (run_dir,) = run_dirs(tmp_path)
     checkpoint = saved(run_dir)
     assert checkpoint["iteration"] >= 1 and checkpoint["global_step"] == checkpoint["iteration"] * 8
+
+
+def test_humanoid_with_an_ase_llc_logs_the_style_reward(tmp_path):
+    """An ASE-layout LLC with a discriminator (synthetic, small; AMP input 1250) on the MuJoCo humanoid:
+    the style reward is on by default (weight 0.1) and TensorBoard gets charts/style_reward."""
+    from test_llc import ase_llc_checkpoint
+
+    llc_path = str(tmp_path / "ase_humanoid_llc.pth")
+    torch.save(ase_llc_checkpoint(obs_dim=223, latent_dim=8, action_dim=28, amp_obs_dim=1250, units=(32, 32, 16),
+                                  style_units=(16, 8), style_dim=6, disc_units=(24, 12)), llc_path)
+    result = run([*TINY, "--robot", "humanoid", "--task", "heading", "--env-backend", "mujoco",
+                  "--llc-checkpoint", llc_path, "--local-root-obs", "--total-timesteps", "80"], tmp_path)
+    assert "style weight 0.1," in result.stdout
+    (run_dir,) = run_dirs(tmp_path)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(run_dir)
+    events.Reload()
+    style = events.Scalars("charts/style_reward")
+    assert [e.step for e in style] == [40, 80]
+    assert all(0.0 <= e.value <= -2.0 * math.log(1e-4) for e in style)  # -2 log(max(1 - D, 1e-4))

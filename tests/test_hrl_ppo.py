@@ -145,14 +145,16 @@ def test_flat_baseline_sends_the_clamped_action_to_the_env():
     assert step.terminate.tolist() == [False, True]
 
 
-def test_style_reward_is_mixed_and_masked_like_the_task_reward():
+@pytest.mark.parametrize("weight", [0.1, 0.25])  # 0.1: ASE's default
+def test_style_reward_is_mixed_and_masked_like_the_task_reward(weight):
     rewards, finish, fail = masking_script()
     amp = [[10.0, 20.0, 30.0], [10.0, 40.0, 0.0], [10.0, 0.0, 0.0], [10.0, 0.0, 0.0]]
     env = ScriptedEnv(rewards, finish, fail, amp=amp)
     step = hrl.hierarchical_step(env, FakeLLC(has_discriminator=True), torch.ones(3, LATENT), env.reset()["obs"], 4,
-                                 TASK_OBS, style_weight=0.25)
+                                 TASK_OBS, style_weight=weight)
     task_mean, style_mean = torch.tensor([2.5, 2.0, 5.0]), torch.tensor([10.0, 30.0, 30.0])
-    assert torch.allclose(step.reward, 0.75 * task_mean + 0.25 * style_mean)
+    assert torch.allclose(step.reward, (1.0 - weight) * task_mean + weight * style_mean)
+    assert torch.allclose(step.style_reward, style_mean)  # what charts/style_reward averages
     assert step.task_reward_sum.tolist() == [10.0, 4.0, 5.0]  # episode returns stay task-only
 
 
@@ -332,6 +334,7 @@ def test_isaacgym_adapter_maps_reset_buf_and_time_outs_onto_the_contract():
     (["--sim-threads", "0"], "--sim-threads must be >= 1, got 0"),
     (["--robot", "spider"], "--robot spider --task heading: expected a robot in"),
     (["--style-reward-weight", "1.5"], "must lie in \\[0, 1\\], got 1.5"),
+    (["--local-root-obs"], "--local-root-obs is for --robot humanoid on the tasks/ backends \\(got --robot ant"),
     (["--eval-checkpoint", "/nonexistent/ckpt.pt"], "checkpoint /nonexistent/ckpt.pt does not exist"),
 ])
 def test_conflicting_flags_fail_before_anything_is_built(argv, message):
