@@ -848,6 +848,7 @@ if __name__ == "__main__":
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
 
     # logging (args are stored resolved, so a resumed run has the same schedule)
+    budget_was_given = args.total_timesteps is not None  # the default budget is not worth a note
     args.num_envs, args.llc_steps, args.total_timesteps = derived.num_envs, derived.llc_steps, derived.total_timesteps
     args.style_reward_weight = style_weight
     if args.track:
@@ -864,7 +865,7 @@ if __name__ == "__main__":
     print(f"{run_name}: {env.num_envs} envs on {device}, simulator {env.describe_backend() if hasattr(env, 'describe_backend') else args.env_backend}, k = {derived.llc_steps}, "
           f"{'flat PPO' if derived.flat else f'LLC {derived.llc_path}'}, style weight {style_weight}, "
           f"{derived.num_iterations} iterations x {derived.sim_steps_per_iteration} simulator steps")
-    if derived.num_iterations * derived.sim_steps_per_iteration != derived.total_timesteps:
+    if budget_was_given and derived.num_iterations * derived.sim_steps_per_iteration != derived.total_timesteps:
         print(f"note: --total-timesteps {derived.total_timesteps} is not a whole number of iterations of "
               f"{derived.sim_steps_per_iteration} simulator steps (envs x --num-steps x k): running "
               f"{derived.num_iterations * derived.sim_steps_per_iteration} simulator steps")
