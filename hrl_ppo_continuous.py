@@ -92,6 +92,8 @@ class Args:
     """simulator: `auto` (tasks/: `mjwarp` on CUDA, `mujoco` on the CPU), `mjwarp` (tasks/, MuJoCo Warp), `mujoco` (tasks/, C MuJoCo on the CPU cores) or `isaacgym` (Isaac Gym Preview 4 + IsaacGymEnvs)"""
     sim_threads: Optional[int] = None
     """threads of the C MuJoCo simulator (`mujoco` backend; default: all cores)"""
+    torch_threads: int = 0
+    """CPU threads for torch ops (0: torch's default); on a small CPU where torch's threads and the simulator contend, 1 can be much faster"""
     robot: Annotated[str, tyro.conf.arg(help=f"robot, one of {', '.join(ROBOTS)} (isaacgym: any name); names "
                                              "the default LLC checkpoint checkpoints/llc_{robot}.pt")] = "ant"
     task: Annotated[str, tyro.conf.arg(help=f"task, one of {', '.join(TASKS)} (isaacgym: the task name given "
@@ -815,6 +817,8 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = derived.device
     flush_denormals_on_cpu(device)
+    if device.type == "cpu" and args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
 
     if args.eval_checkpoint:
         evaluate(args, derived, load_checkpoint(args.eval_checkpoint))
