@@ -3,9 +3,8 @@
 A ReLU unit that stops firing (a dead unit) gives its outgoing weights exactly zero gradients; Adam's
 first moment of those weights then decays by beta1 = 0.9 per step and spends about 150 steps in the
 subnormal range (|x| < 1.2e-38) on its way to zero, where every CPU operation on it is 10-100 times
-slower. A flat humanoid run accumulates thousands of such weights in its critic and used to slow
-down 5x and more within 100k steps. The trainer flushes subnormals to zero on the CPU
-(`hrl_ppo_continuous.flush_denormals_on_cpu`). This benchmark times one `ppo_update` of the
+slower. A flat humanoid run accumulates hundreds of such weights. The trainer flushes subnormals
+to zero on the CPU (`hrl_ppo_continuous.flush_denormals_on_cpu`). This benchmark times one `ppo_update` of the
 trainer (humanoid sizes: 228 observations, 28 actions, [1024, 512] networks, 64 envs x 32 steps,
 6 epochs x 8 minibatches) in three states, in the same run:
     reference     no dead units: nothing subnormal

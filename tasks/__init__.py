@@ -86,10 +86,11 @@ def make_env(robot, task, num_envs, device="cpu", seed=0, backend="auto", sim_th
     capture (False: step eagerly instead of replaying the captured graph) and nconmax / njmax
     (contact / constraint buffer sizes per world)."""
     robot_module, task_module = load_robot(robot), load_task(task)
-    uses_warp = backend == "mjwarp" or (backend == "auto" and str(device).startswith("cuda"))
-    if uses_warp and not verbose:
+    from tasks.base import check_device
+    from tasks.env import BatchedEnv, resolve_backend
+
+    if resolve_backend(backend, check_device(device)) == "mjwarp" and not verbose:
         quiet_warp(device)
-    from tasks.env import BatchedEnv
 
     return BatchedEnv(robot_module, task_module, num_envs, device=device, seed=seed, backend=backend,
                       sim_threads=sim_threads, **overrides)
