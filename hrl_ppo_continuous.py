@@ -54,6 +54,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from typing_extensions import Annotated  # typing.Annotated needs Python 3.9; Isaac Gym runs on 3.8
 
+from llc import RunningMeanStd
 from tasks import ROBOTS, TASKS  # names only: robot and task modules load lazily
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -450,36 +451,6 @@ def hierarchical_step(env, llc, high_action, obs, llc_steps: int, task_obs_size:
 # ---------------------------------------------------------------------------------------------
 # Networks: ASE's high-level actor-critic
 # ---------------------------------------------------------------------------------------------
-class RunningMeanStd(nn.Module):
-    """Running mean/variance (rl_games style: float64 buffers, normalise in float32, clip +-5).
-    Buffers travel in the state dict, hence in the checkpoint."""
-
-    def __init__(self, shape, epsilon: float = 1e-5, clip: float = 5.0):
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(shape, dtype=torch.float64))
-        self.register_buffer("var", torch.ones(shape, dtype=torch.float64))
-        self.register_buffer("count", torch.tensor(epsilon, dtype=torch.float64))
-        self.epsilon, self.clip = epsilon, clip
-
-    @torch.no_grad()
-    def update(self, x: torch.Tensor):
-        x = x.reshape(-1, *self.mean.shape).to(torch.float64)
-        batch_mean, batch_var, batch_count = x.mean(0), x.var(0, unbiased=False), x.shape[0]
-        delta = batch_mean - self.mean
-        total = self.count + batch_count
-        self.mean += delta * batch_count / total
-        m2 = self.var * self.count + batch_var * batch_count + delta**2 * self.count * batch_count / total
-        self.var.copy_(m2 / total)
-        self.count.copy_(total)
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        std = torch.sqrt(self.var.float() + self.epsilon)
-        return torch.clamp((x - self.mean.float()) / std, -self.clip, self.clip)
-
-    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sqrt(self.var.float() + self.epsilon) + self.mean.float()
-
-
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     torch.nn.init.orthogonal_(layer.weight, std)
     torch.nn.init.constant_(layer.bias, bias_const)

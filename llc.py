@@ -57,12 +57,20 @@ def make_activation(name):
 # Networks
 # ---------------------------------------------------------------------------------------------
 class RunningMeanStd(nn.Module):
-    """rl_games' input normaliser: float64 running mean / var / count, applied in float32."""
+    """rl_games' running normaliser (ASE's `running_mean_std`, `value_mean_std`, `amp_input_mean_std`),
+    the one normaliser of this project: float64 running mean / var / count, applied in float32.
 
-    def __init__(self, size):
+    Its semantics are rl_games' own because ASE's checkpoints carry these statistics and an LLC loaded
+    from one must normalise exactly as it was trained: the count starts at 1 (a prior of one sample at
+    mean 0, var 1), batches are merged with their unbiased variance, normalise = clamp((x - mean) /
+    sqrt(var + 1e-5), -5, 5), denormalise = clamp(x, -5, 5) * sqrt(var + 1e-5) + mean.
+    `shape` is the shape of one sample: (D,) for observations, () for values."""
+
+    def __init__(self, shape):
         super().__init__()
-        self.register_buffer("running_mean", torch.zeros(size, dtype=torch.float64))
-        self.register_buffer("running_var", torch.ones(size, dtype=torch.float64))
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        self.register_buffer("running_mean", torch.zeros(shape, dtype=torch.float64))
+        self.register_buffer("running_var", torch.ones(shape, dtype=torch.float64))
         self.register_buffer("count", torch.ones((), dtype=torch.float64))
         # float32 mean and std, cached by freeze(): a frozen LLC does not recompute them every step
         self.register_buffer("frozen_mean", None, persistent=False)
@@ -73,26 +81,31 @@ class RunningMeanStd(nn.Module):
         return self.running_mean.shape[0]
 
     def float32_stats(self):
-        mean = self.running_mean.float()
-        std = torch.sqrt(self.running_var.float() + NORM_EPSILON)
-        return mean, std
+        """(mean, std) in float32: the cached ones of a frozen normaliser, else from the running statistics."""
+        if self.frozen_mean is not None:
+            return self.frozen_mean, self.frozen_std
+        return self.running_mean.float(), torch.sqrt(self.running_var.float() + NORM_EPSILON)
 
     def freeze(self):
-        self.frozen_mean, self.frozen_std = self.float32_stats()
+        self.frozen_mean = self.running_mean.float()
+        self.frozen_std = torch.sqrt(self.running_var.float() + NORM_EPSILON)
 
     def forward(self, x):
-        if self.frozen_mean is not None:
-            mean, std = self.frozen_mean, self.frozen_std
-        else:
-            mean, std = self.float32_stats()
+        mean, std = self.float32_stats()
         return torch.clamp((x - mean) / std, -NORM_CLIP, NORM_CLIP)
+
+    normalize = forward
+
+    def denormalize(self, x):
+        mean, std = self.float32_stats()
+        return torch.clamp(x, -NORM_CLIP, NORM_CLIP) * std + mean
 
     @torch.no_grad()
     def update(self, x):
-        """Merge a batch [..., size] into the running statistics (parallel mean/variance update)."""
+        """Merge a batch [..., *shape] into the running statistics (parallel mean/variance update)."""
         if self.frozen_mean is not None:
             raise RuntimeError("this normaliser belongs to a frozen LLC; its statistics cannot change")
-        x = x.reshape(-1, self.size).double()
+        x = x.reshape(-1, *self.running_mean.shape).double()
         batch_count = x.shape[0]
         # unbiased batch variance as rl_games computes it; a batch of one has no spread to add
         batch_var, batch_mean = torch.var_mean(x, dim=0, correction=1 if batch_count > 1 else 0)

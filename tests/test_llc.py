@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from llc import LLCCheckpointError, LowLevelController, build_llc, load_llc, save_llc  # noqa: E402
+from llc import LLCCheckpointError, LowLevelController, RunningMeanStd, build_llc, load_llc, save_llc  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMALL = dict(obs_dim=12, latent_dim=8, action_dim=5, amp_obs_dim=10, units=(32, 32, 16), style_units=(16, 8),
@@ -337,6 +337,23 @@ def test_build_llc_is_trainable():
     assert all(p.grad is not None for p in model.actor.parameters())
     with pytest.raises(ValueError, match="arch 'transformer'.*style_cat"):
         build_llc(12, 8, 5, arch="transformer")
+
+
+def test_scalar_normalizer_normalizes_denormalizes_and_clamps_as_rl_games():
+    values = RunningMeanStd(())  # the value normaliser: one scalar per sample
+    values.update(torch.tensor([1.0, 3.0, 5.0]))
+    # prior (mean 0, var 1, count 1) merged with batch mean 3, unbiased var 4, count 3
+    assert float(values.count) == 4.0
+    assert float(values.running_mean) == pytest.approx(9.0 / 4.0)
+    expected_var = (1.0 + 4.0 * 3 + 9.0 * 1 * 3 / 4) / 4
+    assert float(values.running_var) == pytest.approx(expected_var)
+    std = (expected_var + 1e-5) ** 0.5
+    x = torch.tensor([2.0, 100.0, -100.0])
+    expected = torch.tensor([(2.0 - 2.25) / std, 5.0, -5.0])  # clamped to [-5, 5]
+    torch.testing.assert_close(values.normalize(x), expected)
+    # rl_games clamps before denormalising too
+    torch.testing.assert_close(values.denormalize(torch.tensor([1.0, 9.0])),
+                               torch.tensor([1.0 * std + 2.25, 5.0 * std + 2.25]))
 
 
 def test_normalizer_update_merges_batches_like_one_batch():
