@@ -35,13 +35,10 @@ if __name__ == "__main__" and requested_backend(sys.argv[1:]) == "isaacgym":
     except ImportError as err:
         sys.exit(f"error: {ISAACGYM_MISSING} ({err})")
 
-import importlib
-import importlib.util
-import inspect
 import random
 import signal
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal, NamedTuple, Optional, Tuple
 
 import numpy as np
@@ -54,7 +51,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from typing_extensions import Annotated  # typing.Annotated needs Python 3.9; Isaac Gym runs on 3.8
 
-from llc import RunningMeanStd
+from llc import LLCCheckpointError, RunningMeanStd, load_llc, mlp, read_checkpoint
 from tasks import ROBOTS, TASKS  # names only: robot and task modules load lazily
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -89,20 +86,23 @@ class Args:
     """also save the final policy weights as runs/{run_name}/{exp_name}.cleanrl_model (checkpoints are always written)"""
 
     # Environment and low-level controller
-    env_backend: Literal["auto", "mjwarp", "mujoco", "isaacgym"] = "auto"
-    """simulator: `auto` (tasks/: `mjwarp` on CUDA, `mujoco` on the CPU), `mjwarp` (tasks/, MuJoCo Warp), `mujoco` (tasks/, C MuJoCo on the CPU cores) or `isaacgym` (Isaac Gym Preview 4 + IsaacGymEnvs)"""
+    env_backend: Annotated[Literal["auto", "mjwarp", "mujoco", "isaacgym"], tyro.conf.arg(help=(
+        "simulator: `auto` (tasks/: `mjwarp` on CUDA, `mujoco` on the CPU), `mjwarp` (tasks/, MuJoCo Warp), "
+        "`mujoco` (tasks/, C MuJoCo on the CPU cores) or `isaacgym` (Isaac Gym Preview 4 + IsaacGymEnvs)"))] = "auto"
     sim_threads: Optional[int] = None
     """threads of the C MuJoCo simulator (`mujoco` backend; default: all cores)"""
-    torch_threads: int = 0
-    """CPU threads for torch ops (0: torch's default); on a small CPU where torch's threads and the simulator contend, 1 can be much faster"""
+    torch_threads: Annotated[int, tyro.conf.arg(help=(
+        "CPU threads for torch ops (0: torch's default); on a small CPU where torch's threads and the simulator "
+        "contend, 1 can be much faster"))] = 0
     robot: Annotated[str, tyro.conf.arg(help=f"robot, one of {', '.join(ROBOTS)} (isaacgym: any name); names "
                                              "the default LLC checkpoint checkpoints/llc_{robot}.pt")] = "ant"
     task: Annotated[str, tyro.conf.arg(help=f"task, one of {', '.join(TASKS)} (isaacgym: the task name given "
                                             "to isaacgymenvs.make)")] = "heading"
     sim_verbose: bool = False
     """let the simulator print its own messages (MuJoCo Warp's banner and kernel loading)"""
-    env_factory: Optional[str] = None
-    """`module:function` building the env instead (called with task, num_envs, seed, sim_device, rl_device, graphics_device_id, headless); isaacgym backend only"""
+    env_factory: Annotated[Optional[str], tyro.conf.arg(help=(
+        "`module:function` building the env instead (called with task, num_envs, seed, sim_device, rl_device, "
+        "graphics_device_id, headless); isaacgym backend only"))] = None
     num_envs: Annotated[Optional[int], default_is("4096 on CUDA, 64 on the CPU")] = None
     """number of parallel environments"""
     llc_checkpoint: Annotated[Optional[str], default_is("checkpoints/llc_{robot}.pt")] = None
@@ -173,7 +173,7 @@ class Args:
 
 
 class Derived(NamedTuple):
-    """Values computed once from the flags (see `derive`)."""
+    """Values computed once from the flags (see `derive`); `args` itself stays as given."""
 
     device: torch.device
     flat: bool  # --llc-checkpoint none: PPO acts on joint actions directly
@@ -199,43 +199,48 @@ def flush_denormals_on_cpu(device: torch.device) -> bool:
     return device.type == "cpu" and torch.set_flush_denormal(True)
 
 
+def fail(message: str):
+    raise SystemExit(f"error: {message}")
+
+
 def check_flags(args: Args):
     """Reject conflicting flags before anything is built."""
-    if args.resume and args.eval_checkpoint:
-        raise SystemExit("error: --resume and --eval-checkpoint exclude each other (train on, or evaluate)")
     flat = (args.llc_checkpoint or "").lower() == "none"
+    tasks_backend = args.env_backend != "isaacgym"
+    if args.resume and args.eval_checkpoint:
+        fail("--resume and --eval-checkpoint exclude each other (train on, or evaluate)")
     if flat and args.llc_steps not in (None, 1):
-        raise SystemExit(f"error: --llc-checkpoint none (flat PPO) acts every simulator step: --llc-steps must be 1, got {args.llc_steps}")
+        fail(f"--llc-checkpoint none (flat PPO) acts every simulator step: --llc-steps must be 1, got {args.llc_steps}")
     if flat and args.style_reward_weight:
-        raise SystemExit(f"error: --style-reward-weight {args.style_reward_weight} needs an LLC with a discriminator, but --llc-checkpoint is none")
+        fail(f"--style-reward-weight {args.style_reward_weight} needs an LLC with a discriminator, "
+             "but --llc-checkpoint is none")
     if args.llc_steps is not None and args.llc_steps < 1:
-        raise SystemExit(f"error: --llc-steps must be >= 1, got {args.llc_steps}")
+        fail(f"--llc-steps must be >= 1, got {args.llc_steps}")
     if args.style_reward_weight is not None and not 0.0 <= args.style_reward_weight <= 1.0:
-        raise SystemExit(f"error: --style-reward-weight must lie in [0, 1], got {args.style_reward_weight}")
-    if args.env_backend == "isaacgym" and args.capture_video:
-        raise SystemExit("error: --capture-video is supported with the tasks/ backends (auto, mjwarp, mujoco) only (render Isaac Gym runs with its viewer)")
-    if args.capture_video and importlib.util.find_spec("tasks.video") is None:
-        raise SystemExit("error: --capture-video needs tasks/video.py, which this checkout lacks")
+        fail(f"--style-reward-weight must lie in [0, 1], got {args.style_reward_weight}")
+    if args.capture_video and not tasks_backend:
+        fail("--capture-video is supported with the tasks/ backends (auto, mjwarp, mujoco) only "
+             "(render Isaac Gym runs with its viewer)")
     if args.capture_video:
         from tasks.video import renderer_available
 
         available, reason = renderer_available()
         if not available:
-            raise SystemExit(f"error: --capture-video: {reason}")
-    if args.env_backend != "isaacgym":
-        if args.robot not in ROBOTS or args.task not in TASKS:
-            raise SystemExit(f"error: --robot {args.robot} --task {args.task}: expected a robot in {ROBOTS} and a task in {TASKS}")
-    if args.local_root_obs and (args.env_backend == "isaacgym" or args.robot != "humanoid"):
-        raise SystemExit(f"error: --local-root-obs is for --robot humanoid on the tasks/ backends (got --robot {args.robot}, "
-                         f"--env-backend {args.env_backend}; Isaac Gym tasks take it from their yaml)")
-    if args.env_factory and args.env_backend != "isaacgym":
-        raise SystemExit(f"error: --env-factory {args.env_factory} is for --env-backend isaacgym; with the tasks/ backends use --robot/--task")
-    if args.env_backend == "isaacgym" and "isaacgym" not in sys.modules:
-        raise SystemExit("error: --env-backend isaacgym must be given on the command line (Isaac Gym is imported before torch)")
-    for name in ("num_envs", "sim_threads", "total_timesteps", "num_steps", "num_minibatches", "update_epochs", "checkpoint_interval", "eval_episodes"):
+            fail(f"--capture-video: {reason}")
+    if tasks_backend and (args.robot not in ROBOTS or args.task not in TASKS):
+        fail(f"--robot {args.robot} --task {args.task}: expected a robot in {ROBOTS} and a task in {TASKS}")
+    if args.local_root_obs and (not tasks_backend or args.robot != "humanoid"):
+        fail(f"--local-root-obs is for --robot humanoid on the tasks/ backends (got --robot {args.robot}, "
+             f"--env-backend {args.env_backend}; Isaac Gym tasks take it from their yaml)")
+    if args.env_factory and tasks_backend:
+        fail(f"--env-factory {args.env_factory} is for --env-backend isaacgym; with the tasks/ backends use --robot/--task")
+    if not tasks_backend and "isaacgym" not in sys.modules:
+        fail("--env-backend isaacgym must be given on the command line (Isaac Gym is imported before torch)")
+    for name in ("num_envs", "sim_threads", "total_timesteps", "num_steps", "num_minibatches", "update_epochs",
+                 "checkpoint_interval", "eval_episodes"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {value}")
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
 def derive(args: Args) -> Derived:
@@ -249,130 +254,59 @@ def derive(args: Args) -> Derived:
     total_timesteps = args.total_timesteps or (50_000_000 if use_cuda else 300_000)
     batch_size = num_envs * args.num_steps
     if batch_size % args.num_minibatches:
-        raise SystemExit(f"error: num_envs * num_steps = {batch_size} is not divisible by --num-minibatches {args.num_minibatches}")
+        fail(f"num_envs * num_steps = {batch_size} is not divisible by --num-minibatches {args.num_minibatches}")
     sim_steps_per_iteration = batch_size * llc_steps
     num_iterations = max(1, total_timesteps // sim_steps_per_iteration)
     return Derived(device, flat, llc_path, llc_steps, num_envs, total_timesteps, batch_size,
                    batch_size // args.num_minibatches, sim_steps_per_iteration, num_iterations)
 
 
+def resolved_flags(args: Args, derived: Derived, style_weight: float) -> Args:
+    """The flags with their start-up defaults filled in: what is logged and checkpointed, so that a
+    resumed run keeps its schedule on any device."""
+    return replace(args, num_envs=derived.num_envs, llc_steps=derived.llc_steps,
+                   total_timesteps=derived.total_timesteps, style_reward_weight=style_weight)
+
+
 # ---------------------------------------------------------------------------------------------
 # Environment construction (the trainer does not know which simulator it drives)
 # ---------------------------------------------------------------------------------------------
-class IsaacGymEnv:
-    """Adapts an Isaac Gym VecTask (IsaacGymEnvs, or ASE through --env-factory) to this project's
-    env contract.
-
-    step() returns (obs, reward, reset_buf, extras); obs is a dict {"obs": ...} (IsaacGymEnvs) or a
-    tensor (ASE). Here: done = reset_buf; terminate = extras["terminate"] where the task reports it
-    (ASE), else done and not extras["time_outs"] (IsaacGymEnvs); flags sticky until reset_done(),
-    like the mjwarp envs.
-    reset_done(): a task whose reset() takes env_ids (ASE) is asked to reset the finished envs (one
-    host sync per high-level step, as in ASE). IsaacGymEnvs tasks reset finished envs themselves
-    inside their next step(); there reset_done() only clears the flags, and the first high-level
-    decision after an episode may see the terminal observation (as in rl_games and CleanRL)."""
-
-    def __init__(self, vec_task):
-        self.vec_task = vec_task
-        self.num_envs = vec_task.num_envs
-        self.num_obs = getattr(vec_task, "num_obs", None) or vec_task.observation_space.shape[0]
-        self.num_actions = getattr(vec_task, "num_actions", None) or vec_task.action_space.shape[0]
-        self.device = torch.device(getattr(vec_task, "rl_device", getattr(vec_task, "device", "cpu")))
-        self.control_dt = float(getattr(vec_task, "dt", 0.0))
-        self.max_episode_length = int(getattr(vec_task, "max_episode_length", 0))
-        self.robot_name, self.task_name = "isaacgym", type(vec_task).__name__
-        self.resets_by_env_ids = "env_ids" in inspect.signature(vec_task.reset).parameters
-        self._done = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
-        self._terminate = torch.zeros_like(self._done)
-        self._time_outs = torch.zeros_like(self._done)
-        self._obs_dict = None
-
-    def get_task_obs_size(self) -> int:
-        get_size = getattr(self.vec_task, "get_task_obs_size", None)  # ASE tasks have it
-        return int(get_size()) if get_size else 0
-
-    def reset(self):
-        self._obs_dict = as_obs_dict(self.vec_task.reset())
-        self._clear_flags()
-        return self._obs_dict
-
-    def _clear_flags(self):
-        self._done.zero_()
-        self._terminate.zero_()
-        self._time_outs.zero_()
-
-    def step(self, actions):
-        obs, reward, reset_buf, extras = self.vec_task.step(actions)
-        finished = reset_buf.to(torch.bool)
-        if "terminate" in extras:  # ASE reports failures itself
-            failed = extras["terminate"].to(torch.bool)
-        else:
-            failed = finished & ~extras.get("time_outs", torch.zeros_like(finished)).to(torch.bool)
-        newly_finished = finished & ~self._done
-        self._terminate |= newly_finished & failed
-        self._time_outs |= newly_finished & ~failed
-        self._done |= finished
-        self._obs_dict = as_obs_dict(obs)
-        extras = dict(extras, terminate=self._terminate.clone(), time_outs=self._time_outs.clone())
-        return self._obs_dict, reward, self._done.clone(), extras
-
-    def reset_done(self):
-        if self.resets_by_env_ids:
-            done_env_ids = self._done.nonzero(as_tuple=False).squeeze(-1)
-            if len(done_env_ids) > 0:
-                self._obs_dict = as_obs_dict(self.vec_task.reset(done_env_ids))
-        self._clear_flags()
-        return self._obs_dict
-
-
-def as_obs_dict(obs):
-    return obs if isinstance(obs, dict) else {"obs": obs}
-
-
 def make_env(args: Args, derived: Derived, num_envs: int, seed: int):
-    if args.env_backend != "isaacgym":
-        from tasks import make_env as make_tasks_env
+    if args.env_backend == "isaacgym":
+        from tasks.isaacgym_env import make_isaacgym_env
 
-        overrides = {"local_root_obs": True} if args.local_root_obs else {}
-        return make_tasks_env(robot=args.robot, task=args.task, num_envs=num_envs, device=str(derived.device), seed=seed,
-                              backend=args.env_backend, sim_threads=args.sim_threads, verbose=args.sim_verbose, **overrides)
-    if args.env_factory:
-        module_name, _, function_name = args.env_factory.partition(":")
-        factory = getattr(importlib.import_module(module_name), function_name or "make")
-    else:
-        import isaacgymenvs
+        return make_isaacgym_env(args.task, num_envs, seed, str(derived.device), args.env_factory)
+    from tasks import make_env as make_tasks_env
 
-        factory = isaacgymenvs.make
-    vec_task = factory(seed=seed, task=args.task, num_envs=num_envs, sim_device=str(derived.device),
-                       rl_device=str(derived.device), graphics_device_id=-1, headless=True)
-    return IsaacGymEnv(vec_task)
+    overrides = {"local_root_obs": True} if args.local_root_obs else {}
+    return make_tasks_env(robot=args.robot, task=args.task, num_envs=num_envs, device=str(derived.device), seed=seed,
+                          backend=args.env_backend, sim_threads=args.sim_threads, verbose=args.sim_verbose, **overrides)
 
 
 def require_llc_file(derived: Derived):
     if not derived.flat and not os.path.isfile(derived.llc_path):
-        raise SystemExit(f"error: no LLC checkpoint at {derived.llc_path}: train one with llc_pretrain.py, pass "
-                         f"--llc-checkpoint PATH, or --llc-checkpoint none for flat PPO")
+        fail(f"no LLC checkpoint at {derived.llc_path}: train one with llc_pretrain.py, pass "
+             f"--llc-checkpoint PATH, or --llc-checkpoint none for flat PPO")
 
 
 def load_frozen_llc(args: Args, derived: Derived, env):
     """The frozen LLC, checked against the env; None for the flat baseline."""
     if derived.flat:
         return None
-    from llc import LLCCheckpointError, load_llc
-
     require_llc_file(derived)
+    path = derived.llc_path
     try:
-        llc = load_llc(derived.llc_path, device=str(derived.device), ase_config=args.llc_config)
-        llc.check_env(env.num_obs, env.get_task_obs_size(), path=derived.llc_path)
+        llc = load_llc(path, device=str(derived.device), ase_config=args.llc_config)
+        llc.check_env(env.num_obs, env.get_task_obs_size(), path=path)
     except LLCCheckpointError as err:
-        raise SystemExit(f"error: {err}")
+        fail(str(err))
     if llc.action_dim != env.num_actions:
-        raise SystemExit(f"error: LLC {derived.llc_path} outputs {llc.action_dim} actions, env {args.robot}/{args.task} expects {env.num_actions}")
+        fail(f"LLC {path} outputs {llc.action_dim} actions, env {args.robot}/{args.task} expects {env.num_actions}")
     trained_robot, trained_dt = llc.metadata.get("robot"), llc.metadata.get("control_dt")
     if args.env_backend != "isaacgym" and trained_robot not in (None, args.robot):
-        raise SystemExit(f"error: LLC {derived.llc_path} was trained for robot {trained_robot!r}, but --robot is {args.robot!r}")
+        fail(f"LLC {path} was trained for robot {trained_robot!r}, but --robot is {args.robot!r}")
     if trained_dt is not None and abs(trained_dt - env.control_dt) > 1e-6:
-        print(f"warning: LLC {derived.llc_path} was trained at control_dt {trained_dt} s, the env steps {env.control_dt} s")
+        print(f"warning: LLC {path} was trained at control_dt {trained_dt} s, the env steps {env.control_dt} s")
     return llc
 
 
@@ -380,13 +314,15 @@ def resolve_style_reward_weight(args: Args, llc, env) -> float:
     """ASE mixes 0.9 task + 0.1 style; that needs a discriminator and AMP observations."""
     has_disc = llc is not None and llc.has_discriminator
     has_amp_obs = hasattr(env, "get_num_amp_obs") and env.get_num_amp_obs() > 0
-    if args.style_reward_weight is None:
+    weight = args.style_reward_weight
+    if weight is None:
         return 0.1 if (has_disc and has_amp_obs) else 0.0
-    if args.style_reward_weight > 0 and not has_disc:
-        raise SystemExit(f"error: --style-reward-weight {args.style_reward_weight} needs an LLC with a discriminator; {args.llc_checkpoint or 'the default LLC'} has none")
-    if args.style_reward_weight > 0 and not has_amp_obs:
-        raise SystemExit(f"error: --style-reward-weight {args.style_reward_weight} needs AMP observations (extras['amp_obs']); this env provides none")
-    return args.style_reward_weight
+    if weight > 0 and not has_disc:
+        fail(f"--style-reward-weight {weight} needs an LLC with a discriminator; "
+             f"{args.llc_checkpoint or 'the default LLC'} has none")
+    if weight > 0 and not has_amp_obs:
+        fail(f"--style-reward-weight {weight} needs AMP observations (extras['amp_obs']); this env provides none")
+    return weight
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,7 +339,8 @@ class HighLevelStep(NamedTuple):
     style_reward: Optional[torch.Tensor] = None  # [N] mean style reward over the counted inner steps (None: w = 0)
 
 
-def hierarchical_step(env, llc, high_action, obs, llc_steps: int, task_obs_size: int, style_weight: float = 0.0) -> HighLevelStep:
+def hierarchical_step(env, llc, high_action, obs, llc_steps: int, task_obs_size: int,
+                      style_weight: float = 0.0) -> HighLevelStep:
     """Apply one high-level action for k = llc_steps simulator steps (ASE hrl_agent semantics).
 
     z = normalise(clamp(a, -1, 1)) stays fixed over the window; the LLC sees a fresh observation
@@ -451,30 +388,17 @@ def hierarchical_step(env, llc, high_action, obs, llc_steps: int, task_obs_size:
 # ---------------------------------------------------------------------------------------------
 # Networks: ASE's high-level actor-critic
 # ---------------------------------------------------------------------------------------------
-def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
-    torch.nn.init.orthogonal_(layer.weight, std)
-    torch.nn.init.constant_(layer.bias, bias_const)
-    return layer
-
-
-def mlp(in_size: int, hidden_sizes, out_size: int, out_std: float) -> nn.Sequential:
-    layers, size = [], in_size
-    for hidden in hidden_sizes:
-        layers += [layer_init(nn.Linear(size, hidden)), nn.ReLU()]
-        size = hidden
-    return nn.Sequential(*layers, layer_init(nn.Linear(size, out_size), std=out_std))
-
-
 class Agent(nn.Module):
     """Separate actor and critic MLPs (ReLU); actor mean through tanh; Gaussian (not squashed)
-    with a fixed (or learned) log-std; observation and value normalisers as buffers."""
+    with a fixed (or learned) log-std; observation and value normalisers (rl_games') as buffers."""
 
     def __init__(self, obs_size: int, action_size: int, hidden_sizes=(1024, 512), init_log_std=-2.3,
                  learned_log_std=False, normalize_obs=True, normalize_value=True):
         super().__init__()
         self.actor_mean = mlp(obs_size, hidden_sizes, action_size, out_std=0.01)
         self.critic = mlp(obs_size, hidden_sizes, 1, out_std=1.0)
-        self.actor_logstd = nn.Parameter(torch.full((1, action_size), float(init_log_std)), requires_grad=learned_log_std)
+        self.actor_logstd = nn.Parameter(torch.full((1, action_size), float(init_log_std)),
+                                         requires_grad=learned_log_std)
         self.obs_normalizer = RunningMeanStd((obs_size,))
         self.value_normalizer = RunningMeanStd(())
         self.normalize_obs, self.normalize_value = normalize_obs, normalize_value
@@ -503,97 +427,34 @@ class Agent(nn.Module):
         return action, probs.log_prob(action).sum(1), probs.entropy().sum(1), self.get_normalized_value(obs), mean
 
 
-# ---------------------------------------------------------------------------------------------
-# PPO: GAE with timeout bootstrapping, clipped surrogate, value and bounds losses
-# ---------------------------------------------------------------------------------------------
-def compute_gae(rewards, values, next_values, dones, gamma: float, gae_lambda: float):
-    """Advantages and returns, all [T, N].
-
-    next_values[t] = V(s_{t+1}) * (1 - terminate_t), with s_{t+1} the observation at the step the
-    episode ended (timeouts bootstrap from the true last state, failures do not); dones[t] cuts
-    the advantage recursion at episode boundaries (the next stored step belongs to a new episode).
-    """
-    advantages = torch.zeros_like(rewards)
-    lastgaelam = torch.zeros_like(rewards[0])
-    for t in reversed(range(rewards.shape[0])):
-        delta = rewards[t] + gamma * next_values[t] - values[t]
-        lastgaelam = delta + gamma * gae_lambda * (1.0 - dones[t]) * lastgaelam
-        advantages[t] = lastgaelam
-    return advantages, advantages + values
-
-
-def bootstrap_value(agent, step: HighLevelStep) -> torch.Tensor:
-    """V(s') * (1 - terminate): timeouts bootstrap from the true last state, failures do not."""
-    with torch.no_grad():
-        return agent.get_value(step.bootstrap_obs) * (~step.terminate)
-
-
-def bounds_loss(mean):
-    """ASE/rl_games penalty on action means outside [-1, 1] (zero while the mean is tanh'd)."""
-    return (F.relu(mean - 1.0) ** 2 + F.relu(-1.0 - mean) ** 2).sum(-1).mean()
-
-
-def ppo_update(agent: Agent, optimizer, b_obs, b_actions, b_logprobs, b_advantages, b_returns, b_values, args: Args, minibatch_size: int):
-    """Clipped-surrogate PPO epochs over one rollout batch (flattened [B, ...] tensors).
-    Returns a dict of on-device scalars for logging."""
-    batch_size = b_obs.shape[0]
-    if agent.normalize_value:  # value targets in normalised units (rl_games' value_mean_std)
-        agent.value_normalizer.update(b_returns)
-        b_returns_n = agent.value_normalizer.normalize(b_returns)
-        b_values_n = agent.value_normalizer.normalize(b_values)
-    else:
-        b_returns_n, b_values_n = b_returns, b_values
-    clipfracs = []
-    for epoch in range(args.update_epochs):
-        b_inds = torch.randperm(batch_size, device=b_obs.device)
-        for start in range(0, batch_size, minibatch_size):
-            mb_inds = b_inds[start : start + minibatch_size]
-            _, newlogprob, entropy, newvalue, mean = agent.get_action_and_value(b_obs[mb_inds], b_actions[mb_inds])
-            logratio = newlogprob - b_logprobs[mb_inds]
-            ratio = logratio.exp()
-            with torch.no_grad():
-                old_approx_kl = (-logratio).mean()
-                approx_kl = ((ratio - 1) - logratio).mean()
-                clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean())
-
-            mb_advantages = b_advantages[mb_inds]
-            if args.norm_adv:
-                mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
-
-            pg_loss1 = -mb_advantages * ratio
-            pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-            pg_loss = torch.max(pg_loss1, pg_loss2).mean()
-
-            if args.clip_vloss:
-                v_loss_unclipped = (newvalue - b_returns_n[mb_inds]) ** 2
-                v_clipped = b_values_n[mb_inds] + torch.clamp(newvalue - b_values_n[mb_inds], -args.clip_coef, args.clip_coef)
-                v_loss = 0.5 * torch.max(v_loss_unclipped, (v_clipped - b_returns_n[mb_inds]) ** 2).mean()
-            else:
-                v_loss = 0.5 * ((newvalue - b_returns_n[mb_inds]) ** 2).mean()
-
-            entropy_loss = entropy.mean()
-            b_loss = bounds_loss(mean)
-            loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef + args.bounds_loss_coef * b_loss
-
-            optimizer.zero_grad()
-            loss.backward()
-            if args.max_grad_norm is not None:
-                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
-            optimizer.step()
-
-        if args.target_kl is not None and approx_kl > args.target_kl:  # one host sync per epoch, only when set
-            break
-
-    var_y = b_returns.var()
-    explained_var = 1 - (b_values - b_returns).var() / var_y
-    return {"losses/value_loss": v_loss.detach(), "losses/policy_loss": pg_loss.detach(), "losses/entropy": entropy_loss.detach(),
-            "losses/bounds_loss": b_loss.detach(), "losses/old_approx_kl": old_approx_kl, "losses/approx_kl": approx_kl,
-            "losses/clipfrac": torch.stack(clipfracs).mean(), "losses/explained_variance": explained_var}
+def make_optimizer(agent: Agent, args: Args) -> torch.optim.Optimizer:
+    """Adam over the policy's trainable parameters only: the LLC is not part of `agent`."""
+    return torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate, eps=1e-8)
 
 
 # ---------------------------------------------------------------------------------------------
-# Episode statistics, checkpoints, evaluation
+# Rollout: num_steps high-level steps of every env into storage allocated once
 # ---------------------------------------------------------------------------------------------
+class RolloutStorage(NamedTuple):
+    """One iteration's transitions, [num_steps, num_envs, ...] on the device, written in place."""
+
+    obs: torch.Tensor  # [T, N, num_obs] high-level observation before the action
+    actions: torch.Tensor  # [T, N, action_size] sampled (unclamped) high-level action
+    logprobs: torch.Tensor  # [T, N]
+    rewards: torch.Tensor  # [T, N] high-level reward (HighLevelStep.reward)
+    dones: torch.Tensor  # [T, N] 1.0 where the episode ended in the window
+    values: torch.Tensor  # [T, N] V(obs) in reward units
+    next_values: torch.Tensor  # [T, N] V(s') * (1 - terminate), see bootstrap_value
+    style_rewards: torch.Tensor  # [T, N] mean style reward per window (0 when w = 0)
+
+    @staticmethod
+    def allocate(num_steps: int, num_envs: int, obs_size: int, action_size: int, device) -> "RolloutStorage":
+        def zeros(*shape):
+            return torch.zeros((num_steps, num_envs, *shape), device=device)
+
+        return RolloutStorage(zeros(obs_size), zeros(action_size), *(zeros() for _ in range(6)))
+
+
 class EpisodeStats:
     """Per-env running task return (summed over control steps) and length, plus on-device sums
     over the episodes finished since the last read: fixed size, read once per iteration."""
@@ -618,6 +479,162 @@ class EpisodeStats:
         return finished
 
 
+def bootstrap_value(agent, step: HighLevelStep) -> torch.Tensor:
+    """V(s') * (1 - terminate): timeouts bootstrap from the true last state, failures do not."""
+    with torch.no_grad():
+        return agent.get_value(step.bootstrap_obs) * (~step.terminate)
+
+
+def rollout(env, llc, agent: Agent, next_obs, storage: RolloutStorage, llc_steps: int, task_obs_size: int,
+            style_weight: float, episode_stats: EpisodeStats):
+    """Fill `storage` with one high-level step per row, starting from next_obs; returns the
+    observation to continue from. Everything stays on the device."""
+    for step in range(storage.obs.shape[0]):
+        storage.obs[step] = next_obs
+        with torch.no_grad():
+            action, logprob, _, normalized_value, _ = agent.get_action_and_value(next_obs)
+            storage.values[step] = agent.denormalize_value(normalized_value)
+        storage.actions[step], storage.logprobs[step] = action, logprob
+
+        result = hierarchical_step(env, llc, action, next_obs, llc_steps, task_obs_size, style_weight)
+        storage.rewards[step] = result.reward
+        if result.style_reward is not None:
+            storage.style_rewards[step] = result.style_reward
+        storage.dones[step] = result.done.float()
+        storage.next_values[step] = bootstrap_value(agent, result)
+        episode_stats.update(result)
+        next_obs = env.reset_done()["obs"]  # finished envs start a new episode
+    return next_obs
+
+
+# ---------------------------------------------------------------------------------------------
+# PPO: GAE with timeout bootstrapping, clipped surrogate, value and bounds losses
+# (llc_pretrain.py imports these: one copy of the algorithm)
+# ---------------------------------------------------------------------------------------------
+def compute_gae(rewards, values, next_values, dones, gamma: float, gae_lambda: float):
+    """Advantages and returns, all [T, N].
+
+    next_values[t] = V(s_{t+1}) * (1 - terminate_t), with s_{t+1} the observation at the step the
+    episode ended (timeouts bootstrap from the true last state, failures do not); dones[t] cuts
+    the advantage recursion at episode boundaries (the next stored step belongs to a new episode).
+    """
+    advantages = torch.zeros_like(rewards)
+    lastgaelam = torch.zeros_like(rewards[0])
+    for t in reversed(range(rewards.shape[0])):
+        delta = rewards[t] + gamma * next_values[t] - values[t]
+        lastgaelam = delta + gamma * gae_lambda * (1.0 - dones[t]) * lastgaelam
+        advantages[t] = lastgaelam
+    return advantages, advantages + values
+
+
+def bounds_loss(mean):
+    """ASE/rl_games penalty on action means outside [-1, 1] (zero while the mean is tanh'd)."""
+    return (F.relu(mean - 1.0) ** 2 + F.relu(-1.0 - mean) ** 2).sum(-1).mean()
+
+
+def ppo_loss(newlogprob, entropy, newvalue, mb: dict, args):
+    """CleanRL's clipped-surrogate loss on one minibatch; mb holds the rollout's logprobs,
+    advantages, returns and values (in the critic's units). Returns (loss, logged terms)."""
+    logratio = newlogprob - mb["logprobs"]
+    ratio = logratio.exp()
+    with torch.no_grad():
+        old_approx_kl = (-logratio).mean()
+        approx_kl = ((ratio - 1) - logratio).mean()
+        clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
+
+    mb_advantages = mb["advantages"]
+    if args.norm_adv:
+        mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+    pg_loss1 = -mb_advantages * ratio
+    pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+    pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+
+    if args.clip_vloss:
+        v_loss_unclipped = (newvalue - mb["returns"]) ** 2
+        v_clipped = mb["values"] + torch.clamp(newvalue - mb["values"], -args.clip_coef, args.clip_coef)
+        v_loss = 0.5 * torch.max(v_loss_unclipped, (v_clipped - mb["returns"]) ** 2).mean()
+    else:
+        v_loss = 0.5 * ((newvalue - mb["returns"]) ** 2).mean()
+
+    entropy_loss = entropy.mean()
+    loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+    return loss, {"losses/value_loss": v_loss, "losses/policy_loss": pg_loss, "losses/entropy": entropy_loss,
+                  "losses/old_approx_kl": old_approx_kl, "losses/approx_kl": approx_kl, "losses/clipfrac": clipfrac}
+
+
+def ppo_update(evaluate, batch: dict, optimizer, grad_groups, args, minibatch_size: int) -> dict:
+    """PPO epochs over one rollout batch (dict of flattened [B, ...] tensors: the inputs `evaluate`
+    needs plus logprobs, advantages, returns, values).
+
+    evaluate(mb) -> (newlogprob, entropy, newvalue, extra_losses): the policy on a minibatch, with
+    extra_losses {name: (coefficient, loss)} added to the PPO loss. Gradients are clipped to
+    args.max_grad_norm per parameter group of grad_groups (None: no clipping). Returns on-device
+    scalars for logging: the last minibatch's terms, the clip fraction over all minibatches."""
+    batch_size = batch["logprobs"].shape[0]
+    clipfracs = []
+    for epoch in range(args.update_epochs):
+        b_inds = torch.randperm(batch_size, device=batch["logprobs"].device)
+        for start in range(0, batch_size, minibatch_size):
+            mb_inds = b_inds[start : start + minibatch_size]
+            mb = {key: value[mb_inds] for key, value in batch.items()}
+            newlogprob, entropy, newvalue, extra_losses = evaluate(mb)
+            loss, terms = ppo_loss(newlogprob, entropy, newvalue, mb, args)
+            for name, (coef, extra_loss) in extra_losses.items():
+                loss = loss + coef * extra_loss
+                terms[f"losses/{name}"] = extra_loss
+            clipfracs.append(terms["losses/clipfrac"])
+
+            optimizer.zero_grad()
+            loss.backward()
+            if args.max_grad_norm is not None:
+                for params in grad_groups:
+                    nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+
+        if args.target_kl is not None and terms["losses/approx_kl"] > args.target_kl:  # a host sync, only when set
+            break
+    terms = {key: value.detach() for key, value in terms.items()}
+    terms["losses/clipfrac"] = torch.stack(clipfracs).mean()
+    return terms
+
+
+def explained_variance(values, returns):
+    """1 - Var(returns - values) / Var(returns), NaN where the returns do not vary (no host sync)."""
+    var_y = returns.var()
+    return torch.where(var_y > 0, 1 - (returns - values).var() / var_y, torch.nan)
+
+
+def update_policy(agent: Agent, optimizer, storage: RolloutStorage, advantages, returns, args: Args,
+                  minibatch_size: int) -> dict:
+    """The trainer's PPO update on one rollout, then the observation normaliser update."""
+    b_obs = storage.obs.reshape(-1, storage.obs.shape[-1])
+    b_values, b_returns = storage.values.reshape(-1), returns.reshape(-1)
+    if agent.normalize_value:  # value targets in normalised units (rl_games' value_mean_std)
+        agent.value_normalizer.update(b_returns)
+        b_returns_n, b_values_n = agent.value_normalizer.normalize(b_returns), agent.value_normalizer.normalize(b_values)
+    else:
+        b_returns_n, b_values_n = b_returns, b_values
+    batch = {"obs": b_obs, "actions": storage.actions.reshape(-1, storage.actions.shape[-1]),
+             "logprobs": storage.logprobs.reshape(-1), "advantages": advantages.reshape(-1),
+             "returns": b_returns_n, "values": b_values_n}
+
+    def evaluate(mb):
+        _, newlogprob, entropy, newvalue, mean = agent.get_action_and_value(mb["obs"], mb["actions"])
+        return newlogprob, entropy, newvalue, {"bounds_loss": (args.bounds_loss_coef, bounds_loss(mean))}
+
+    metrics = ppo_update(evaluate, batch, optimizer, [list(agent.parameters())], args, minibatch_size)
+    metrics["losses/explained_variance"] = explained_variance(b_values, b_returns)
+    if agent.normalize_obs:  # after the update, so the stored log-probs matched the normalisation in use
+        agent.obs_normalizer.update(b_obs)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "hrl_ppo_checkpoint", 2
+
+
 def rng_states() -> dict:
     states = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
               "python": random.getstate()}
@@ -635,29 +652,40 @@ def set_rng_states(states: dict):
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_checkpoint(path: str, agent, optimizer, args: Args, run_name: str, global_step: int, iteration: int, wandb_run_id=None):
+def save_checkpoint(path: str, agent, optimizer, args: Args, run_name: str, global_step: int, iteration: int,
+                    wandb_run_id=None):
     """Atomic write (temp file, then os.replace) of everything needed to resume; plain tensors and
     plain Python values only, so torch.load(path, weights_only=True) reads it."""
-    checkpoint = {"format": "hrl_ppo_checkpoint", "version": 1, "agent": agent.state_dict(), "optimizer": optimizer.state_dict(),
-                  "args": asdict(args), "run_name": run_name, "global_step": global_step, "iteration": iteration,
-                  "rng": rng_states(), "wandb_run_id": wandb_run_id}
+    checkpoint = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "agent": agent.state_dict(),
+                  "optimizer": optimizer.state_dict(), "args": asdict(args), "run_name": run_name,
+                  "global_step": global_step, "iteration": iteration, "rng": rng_states(), "wandb_run_id": wandb_run_id}
     tmp_path = f"{path}.tmp"
     torch.save(checkpoint, tmp_path)
     os.replace(tmp_path, path)
 
 
-def load_checkpoint(path: str) -> dict:
-    from llc import LLCCheckpointError, read_checkpoint  # torch.load(weights_only=True) with clear errors
-
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: checkpoint {path} does not exist")
-    try:
-        checkpoint = read_checkpoint(path)
-    except LLCCheckpointError as err:  # truncated, random bytes, pickled objects
-        raise SystemExit(f"error: checkpoint {err}")
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != "hrl_ppo_checkpoint":
-        raise SystemExit(f"error: {path} is not a checkpoint written by hrl_ppo_continuous.py (format 'hrl_ppo_checkpoint')")
+def upgrade_checkpoint(checkpoint: dict) -> dict:
+    """Version 1 named the normaliser buffers mean / var; version 2 uses rl_games' running_mean /
+    running_var (the statistics themselves carry over)."""
+    if checkpoint.get("version", 1) < 2:
+        renames = {".mean": ".running_mean", ".var": ".running_var"}
+        checkpoint["agent"] = {next((key[: -len(old)] + new for old, new in renames.items()
+                                     if key.endswith(old) and "normalizer" in key), key): value
+                               for key, value in checkpoint["agent"].items()}
+        checkpoint["version"] = 2
     return checkpoint
+
+
+def load_checkpoint(path: str) -> dict:
+    if not os.path.isfile(path):
+        fail(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = read_checkpoint(path)  # torch.load(weights_only=True) with clear errors
+    except LLCCheckpointError as err:  # truncated, random bytes, pickled objects
+        fail(f"checkpoint {err}")
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        fail(f"{path} is not a checkpoint written by hrl_ppo_continuous.py (format {CHECKPOINT_FORMAT!r})")
+    return upgrade_checkpoint(checkpoint)
 
 
 def args_from_checkpoint(checkpoint: dict, **overrides) -> Args:
@@ -665,6 +693,10 @@ def args_from_checkpoint(checkpoint: dict, **overrides) -> Args:
     saved = {k: v for k, v in checkpoint["args"].items() if k in known}
     saved["hidden_sizes"] = tuple(saved.get("hidden_sizes", (1024, 512)))
     return Args(**{**saved, **overrides})
+
+
+FIXED_ON_RESUME = ("env_backend", "robot", "task", "llc_checkpoint", "llc_steps", "num_envs", "num_steps",
+                   "hidden_sizes", "learned_log_std")
 
 
 def parse_args(argv=None) -> Args:
@@ -676,46 +708,28 @@ def parse_args(argv=None) -> Args:
         checkpoint = load_checkpoint(saved_path)
         default = args_from_checkpoint(checkpoint, resume=args.resume, eval_checkpoint=args.eval_checkpoint)
         args = tyro.cli(Args, args=argv, default=default)
-        if args.resume:
-            for name in ("env_backend", "robot", "task", "llc_checkpoint", "llc_steps", "num_envs", "num_steps", "hidden_sizes", "learned_log_std"):
-                if getattr(args, name) != getattr(default, name):
-                    raise SystemExit(f"error: --resume cannot change --{name.replace('_', '-')} "
-                                     f"(saved {getattr(default, name)!r}, given {getattr(args, name)!r})")
+        for name in FIXED_ON_RESUME if args.resume else ():
+            if getattr(args, name) != getattr(default, name):
+                fail(f"--resume cannot change --{name.replace('_', '-')} "
+                     f"(saved {getattr(default, name)!r}, given {getattr(args, name)!r})")
     check_flags(args)
     return args
 
 
-class RecordingEnv:
-    """Env proxy that renders one world after every control step (the k inner steps included)."""
-
-    def __init__(self, env, recorder):
-        self.env, self.recorder = env, recorder
-
-    def step(self, actions):
-        result = self.env.step(actions)
-        self.recorder.capture()
-        return result
-
-    def __getattr__(self, name):
-        return getattr(self.env, name)
-
-
+# ---------------------------------------------------------------------------------------------
+# Evaluation, video, logging
+# ---------------------------------------------------------------------------------------------
 def record_video(env, llc, agent, derived: Derived, task_obs_size: int, style_weight: float, path: str):
     """One deterministic episode of world 0 as an MP4 (tasks.video, tasks/ backends)."""
-    from tasks.video import VideoRecorder
+    from tasks.video import record_episode
 
-    obs = env.reset()["obs"]
-    recorder = VideoRecorder(env, path, world=0)
-    recorder.capture()
-    for _ in range(env.max_episode_length // derived.llc_steps + 1):
+    def decide(recording_env, obs):
         with torch.no_grad():
             action = agent.action_mean(obs)
-        step = hierarchical_step(RecordingEnv(env, recorder), llc, action, obs, derived.llc_steps, task_obs_size, style_weight)
-        if bool(step.done[0]):
-            break
-        obs = env.reset_done()["obs"]
-    recorder.close()
-    print(f"video: {path} ({recorder.num_frames} frames)")
+        return hierarchical_step(recording_env, llc, action, obs, derived.llc_steps, task_obs_size, style_weight).done
+
+    frames = record_episode(env, decide, path, max_decisions=env.max_episode_length // derived.llc_steps + 1)
+    print(f"video: {path} ({frames} frames)")
 
 
 def evaluate(args: Args, derived: Derived, checkpoint: dict):
@@ -744,8 +758,8 @@ def evaluate(args: Args, derived: Derived, checkpoint: dict):
             break
         obs = env.reset_done()["obs"]
     print(f"eval: {args.eval_checkpoint}: mean return {episode_return.mean().item():.3f} "
-          f"(std {episode_return.std(unbiased=False).item():.3f}), mean episode length {episode_length.mean().item():.1f} "
-          f"control steps over {num_envs} episodes")
+          f"(std {episode_return.std(unbiased=False).item():.3f}), mean episode length "
+          f"{episode_length.mean().item():.1f} control steps over {num_envs} episodes")
     if args.capture_video:
         run_name = checkpoint["run_name"]
         record_video(env, llc, agent, derived, task_obs_size, style_weight, os.path.join("videos", run_name, "eval.mp4"))
@@ -761,8 +775,27 @@ def progress_line(iteration: int, num_iterations: int, iterations_this_session: 
             f"SPS {sps:.0f} reward {mean_reward:.3f} return {ret} ETA {int(eta // 60)}m{int(eta % 60):02d}s")
 
 
+def log_iteration(writer, metrics: dict, episode_stats: EpisodeStats, global_step: int):
+    """Write the iteration's scalars; everything comes to the host in one transfer.
+    Returns (scalars by name, mean episode return or None)."""
+    host_values = torch.cat([torch.stack(list(metrics.values())), episode_stats.take()]).tolist()
+    logged, (return_sum, length_sum, episodes) = dict(zip(metrics, host_values)), host_values[-3:]
+    for key, value in logged.items():
+        writer.add_scalar(key, value, global_step)
+    if not episodes:
+        return logged, None
+    writer.add_scalar("charts/episodic_return", return_sum / episodes, global_step)
+    writer.add_scalar("charts/episodic_length", length_sum / episodes, global_step)
+    writer.add_scalar("charts/episodes", episodes, global_step)
+    return logged, return_sum / episodes
+
+
+def hyperparameter_table(args: Args) -> str:
+    return "|param|value|\n|-|-|\n%s" % "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+
+
 # ---------------------------------------------------------------------------------------------
-# Main: set-up, rollout, update, logging
+# Main: set-up, then per iteration: rollout, advantages, update, logging, checkpoint
 # ---------------------------------------------------------------------------------------------
 stop_requested = False
 
@@ -807,7 +840,7 @@ if __name__ == "__main__":
     action_size = env.num_actions if derived.flat else llc.latent_dim  # high-level action = latent z
     agent = Agent(env.num_obs, action_size, args.hidden_sizes, args.init_log_std, args.learned_log_std,
                   args.normalize_obs, args.normalize_value).to(device)
-    optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate, eps=1e-8)
+    optimizer = make_optimizer(agent, args)
     global_step, start_iteration, wandb_run_id = 0, 1, None
     if resume_checkpoint is not None:
         agent.load_state_dict(resume_checkpoint["agent"])
@@ -821,40 +854,31 @@ if __name__ == "__main__":
     os.makedirs(run_dir, exist_ok=True)
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
 
-    # logging (args are stored resolved, so a resumed run has the same schedule)
-    budget_was_given = args.total_timesteps is not None  # the default budget is not worth a note
-    args.num_envs, args.llc_steps, args.total_timesteps = derived.num_envs, derived.llc_steps, derived.total_timesteps
-    args.style_reward_weight = style_weight
+    # logging: the flags with their defaults resolved, so a resumed run has the same schedule
+    run_flags = resolved_flags(args, derived, style_weight)
     if args.track:
         import wandb
 
         # W&B keeps its files in ./wandb (its default, as CleanRL): inside runs/ TensorBoard would read them, and
         # sync_tensorboard would copy its own copies of the event files back into itself
-        run = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
-                         name=run_name, save_code=True, id=wandb_run_id, resume="allow" if wandb_run_id else None)
+        run = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                         config=vars(run_flags), name=run_name, save_code=True, id=wandb_run_id,
+                         resume="allow" if wandb_run_id else None)
         wandb_run_id = run.id
     writer = SummaryWriter(run_dir)
     if resume_checkpoint is None:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])))
-    print(f"{run_name}: {env.num_envs} envs on {device}, simulator {env.describe_backend() if hasattr(env, 'describe_backend') else args.env_backend}, k = {derived.llc_steps}, "
+        writer.add_text("hyperparameters", hyperparameter_table(run_flags))
+    print(f"{run_name}: {env.num_envs} envs on {device}, simulator {env.describe_backend()}, k = {derived.llc_steps}, "
           f"{'flat PPO' if derived.flat else f'LLC {derived.llc_path}'}, style weight {style_weight}, "
           f"{derived.num_iterations} iterations x {derived.sim_steps_per_iteration} simulator steps")
-    if budget_was_given and derived.num_iterations * derived.sim_steps_per_iteration != derived.total_timesteps:
+    planned_steps = derived.num_iterations * derived.sim_steps_per_iteration
+    if args.total_timesteps is not None and planned_steps != derived.total_timesteps:  # the default budget needs no note
         print(f"note: --total-timesteps {derived.total_timesteps} is not a whole number of iterations of "
-              f"{derived.sim_steps_per_iteration} simulator steps (envs x --num-steps x k): running "
-              f"{derived.num_iterations * derived.sim_steps_per_iteration} simulator steps")
+              f"{derived.sim_steps_per_iteration} simulator steps (envs x --num-steps x k): "
+              f"running {planned_steps} simulator steps")
 
-    # rollout storage, allocated once on the device
-    obs = torch.zeros((args.num_steps, env.num_envs, env.num_obs), device=device)
-    actions = torch.zeros((args.num_steps, env.num_envs, action_size), device=device)
-    logprobs = torch.zeros((args.num_steps, env.num_envs), device=device)
-    rewards = torch.zeros((args.num_steps, env.num_envs), device=device)
-    dones = torch.zeros((args.num_steps, env.num_envs), device=device)
-    values = torch.zeros((args.num_steps, env.num_envs), device=device)
-    next_values = torch.zeros((args.num_steps, env.num_envs), device=device)
-    style_rewards = torch.zeros((args.num_steps, env.num_envs), device=device)  # mean per high-level step
+    storage = RolloutStorage.allocate(args.num_steps, env.num_envs, env.num_obs, action_size, device)
     episode_stats = EpisodeStats(env.num_envs, device)
-
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     start_time = time.time()
@@ -866,58 +890,32 @@ if __name__ == "__main__":
             frac = 1.0 - (iteration - 1.0) / derived.num_iterations
             optimizer.param_groups[0]["lr"] = frac * args.learning_rate
         iteration_start = time.time()
-
-        for step in range(args.num_steps):
-            obs[step] = next_obs
-            with torch.no_grad():
-                action, logprob, _, normalized_value, _ = agent.get_action_and_value(next_obs)
-                values[step] = agent.denormalize_value(normalized_value)
-            actions[step], logprobs[step] = action, logprob
-
-            result = hierarchical_step(env, llc, action, next_obs, derived.llc_steps, task_obs_size, style_weight)
-            rewards[step] = result.reward
-            if result.style_reward is not None:
-                style_rewards[step] = result.style_reward
-            dones[step] = result.done.float()
-            next_values[step] = bootstrap_value(agent, result)
-            episode_stats.update(result)
-            next_obs = env.reset_done()["obs"]  # finished envs start a new episode
+        next_obs = rollout(env, llc, agent, next_obs, storage, derived.llc_steps, task_obs_size, style_weight,
+                           episode_stats)
         global_step += derived.sim_steps_per_iteration
         rollout_time = time.time() - iteration_start
 
-        advantages, returns = compute_gae(rewards, values, next_values, dones, args.gamma, args.gae_lambda)
-        b_obs = obs.reshape((-1, env.num_obs))
-        metrics = ppo_update(agent, optimizer, b_obs, actions.reshape((-1, action_size)), logprobs.reshape(-1),
-                             advantages.reshape(-1), returns.reshape(-1), values.reshape(-1), args, derived.minibatch_size)
-        if agent.normalize_obs:  # after the update, so the stored log-probs matched the normalisation in use
-            agent.obs_normalizer.update(b_obs)
+        advantages, returns = compute_gae(storage.rewards, storage.values, storage.next_values, storage.dones,
+                                          args.gamma, args.gae_lambda)
+        metrics = update_policy(agent, optimizer, storage, advantages, returns, args, derived.minibatch_size)
 
-        # logging: everything comes to the host in one transfer per iteration
-        metrics["charts/mean_reward"] = rewards.mean()
+        metrics["charts/mean_reward"] = storage.rewards.mean()
         if style_weight > 0.0:
-            metrics["charts/style_reward"] = style_rewards.mean()
+            metrics["charts/style_reward"] = storage.style_rewards.mean()
         if hasattr(env, "nonfinite_resets"):
             metrics["charts/nonfinite_resets"] = env.nonfinite_resets.to(device=device, dtype=torch.float32)
-        host_values = torch.cat([torch.stack(list(metrics.values())), episode_stats.take()]).tolist()
-        logged, (return_sum, length_sum, episodes) = dict(zip(metrics, host_values)), host_values[-3:]
-        for key, value in logged.items():
-            writer.add_scalar(key, value, global_step)
-        mean_return = return_sum / episodes if episodes else None
+        logged, mean_return = log_iteration(writer, metrics, episode_stats, global_step)
         elapsed = time.time() - start_time
         sps = (global_step - start_global_step) / elapsed
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
         writer.add_scalar("charts/SPS", sps, global_step)
         writer.add_scalar("charts/high_level_SPS", sps / derived.llc_steps, global_step)
         writer.add_scalar("charts/rollout_SPS", derived.sim_steps_per_iteration / rollout_time, global_step)
-        if episodes:
-            writer.add_scalar("charts/episodic_return", mean_return, global_step)
-            writer.add_scalar("charts/episodic_length", length_sum / episodes, global_step)
-            writer.add_scalar("charts/episodes", episodes, global_step)
         print(progress_line(iteration, derived.num_iterations, iteration - start_iteration + 1, global_step, sps, elapsed,
                             logged["charts/mean_reward"], mean_return), flush=True)
 
         if iteration % args.checkpoint_interval == 0 or iteration == derived.num_iterations or stop_requested:
-            save_checkpoint(checkpoint_path, agent, optimizer, args, run_name, global_step, iteration, wandb_run_id)
+            save_checkpoint(checkpoint_path, agent, optimizer, run_flags, run_name, global_step, iteration, wandb_run_id)
         if stop_requested:
             print(f"stopped: checkpoint {checkpoint_path} (resume with --resume {checkpoint_path})")
             break

@@ -17,6 +17,7 @@ never arbitrary pickled objects.
 
 import argparse
 import datetime
+import math
 import os
 import pickle
 import re
@@ -56,6 +57,29 @@ def make_activation(name):
 # ---------------------------------------------------------------------------------------------
 # Networks
 # ---------------------------------------------------------------------------------------------
+def orthogonal_init(layer, std=math.sqrt(2), bias_const=0.0):
+    """CleanRL's layer_init: orthogonal weights with gain `std`, constant biases."""
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+def mlp(in_size, hidden_sizes, out_size=None, activation="relu", out_std=None):
+    """nn.Sequential of Linear + activation per hidden size, then a Linear to out_size (none if None).
+    With out_std: CleanRL's orthogonal initialisation (hidden gain sqrt(2), output gain out_std, zero
+    biases), as the trainer's policy and the pre-training critic use; without: torch's default
+    initialisation, as ASE's networks (the LLC's style MLP and discriminator)."""
+    layers, size = [], in_size
+    for hidden in hidden_sizes:
+        linear = nn.Linear(size, hidden)
+        layers += [linear if out_std is None else orthogonal_init(linear), make_activation(activation)]
+        size = hidden
+    if out_size is not None:
+        linear = nn.Linear(size, out_size)
+        layers.append(linear if out_std is None else orthogonal_init(linear, std=out_std))
+    return nn.Sequential(*layers)
+
+
 class RunningMeanStd(nn.Module):
     """rl_games' running normaliser (ASE's `running_mean_std`, `value_mean_std`, `amp_input_mean_std`),
     the one normaliser of this project: float64 running mean / var / count, applied in float32.
@@ -127,12 +151,8 @@ class StyleCatActor(nn.Module):
     def __init__(self, obs_dim, latent_dim, action_dim, hidden, activation, style_hidden, style_dim):
         super().__init__()
         self.activation = make_activation(activation)
-        style_layers, in_size = [], latent_dim
-        for units in style_hidden:
-            style_layers += [nn.Linear(in_size, units), make_activation(activation)]
-            in_size = units
-        self.style_mlp = nn.Sequential(*style_layers)
-        self.style_dense = nn.Linear(in_size, style_dim)
+        self.style_mlp = mlp(latent_dim, style_hidden, activation=activation)
+        self.style_dense = nn.Linear(style_hidden[-1] if style_hidden else latent_dim, style_dim)
         sizes = [obs_dim + style_dim, *hidden]
         self.dense_layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(sizes[:-1], sizes[1:]))
         self.mu = nn.Linear(sizes[-1], action_dim)
@@ -167,12 +187,8 @@ class Discriminator(nn.Module):
 
     def __init__(self, amp_obs_dim, hidden, activation):
         super().__init__()
-        layers, in_size = [], amp_obs_dim
-        for units in hidden:
-            layers += [nn.Linear(in_size, units), make_activation(activation)]
-            in_size = units
-        self.trunk = nn.Sequential(*layers)
-        self.logits = nn.Linear(in_size, 1)
+        self.trunk = mlp(amp_obs_dim, hidden, activation=activation)
+        self.logits = nn.Linear(hidden[-1] if hidden else amp_obs_dim, 1)
 
     def forward(self, norm_amp_obs):
         return self.logits(self.trunk(norm_amp_obs))

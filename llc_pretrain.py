@@ -21,7 +21,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import Annotated, Literal, Optional, Tuple
+from typing import Annotated, Literal, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -29,9 +29,10 @@ import torch.nn as nn
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 
-from hrl_ppo_continuous import flush_denormals_on_cpu
-from llc import LLCCheckpointError, build_llc, load_llc, portable_command, read_checkpoint, save_llc
-from tasks import ROBOTS, make_env
+from hrl_ppo_continuous import compute_gae, explained_variance, flush_denormals_on_cpu, hyperparameter_table, ppo_update
+from llc import LLCCheckpointError, build_llc, load_llc, mlp, portable_command, read_checkpoint, save_llc
+from tasks import ROBOTS, load_robot, make_env
+from tasks.base import heading_angle, planar_into_heading, up_axis_z
 
 
 def default_is(text: str):
@@ -64,8 +65,9 @@ class Args:
     sim_verbose: bool = False
     """let the simulator print its own messages (MuJoCo Warp's banner and kernel loading)"""
     robot: Annotated[str, tyro.conf.arg(help=f"robot to train, one of {', '.join(ROBOTS)}")] = "ant"
-    env_backend: Literal["auto", "mjwarp", "mujoco"] = "auto"
-    """simulator (tasks/): `auto` (`mjwarp` on CUDA, `mujoco` on the CPU), `mjwarp` (MuJoCo Warp) or `mujoco` (C MuJoCo on the CPU cores)"""
+    env_backend: Annotated[Literal["auto", "mjwarp", "mujoco"], tyro.conf.arg(help=(
+        "simulator (tasks/): `auto` (`mjwarp` on CUDA, `mujoco` on the CPU), `mjwarp` (MuJoCo Warp) or `mujoco` "
+        "(C MuJoCo on the CPU cores)"))] = "auto"
     sim_threads: Optional[int] = None
     """threads of the C MuJoCo simulator (`mujoco` backend; default: all cores)"""
     total_timesteps: int = 2_000_000
@@ -178,9 +180,6 @@ class Args:
     """the number of iterations (computed in runtime)"""
 
 
-DEFAULT_LATENT_DIM = {"ant": 16, "humanoid": 64}
-# m/s; covers the downstream heading task's target speeds (ant U[0.4, 0.8), humanoid U[1.5, 1.6))
-DEFAULT_MAX_SPEED = {"ant": 1.0, "humanoid": 2.0}
 EVAL_DIRECTION_BINS = 8
 
 
@@ -248,25 +247,6 @@ def commanded_displacement(vel_cmd_heading, yaw_rate_cmd, seconds):
     return torch.stack([along * vx - across * vy, across * vx + along * vy], -1)
 
 
-def heading_yaw(quat_wxyz):
-    """Yaw angle (rad) of the root's x axis projected on the ground plane."""
-    w, x, y, z = quat_wxyz.unbind(-1)
-    return torch.atan2(2 * (w * z + x * y), 1 - 2 * (y * y + z * z))
-
-
-def world_to_heading(vec_xy_world, yaw):
-    """Rotate planar world vectors [N, 2] into the heading frame (by -yaw)."""
-    cos, sin = torch.cos(yaw), torch.sin(yaw)
-    x, y = vec_xy_world[:, 0], vec_xy_world[:, 1]
-    return torch.stack([cos * x + sin * y, -sin * x + cos * y], -1)
-
-
-def up_axis_z(quat_wxyz):
-    """z component (world) of the root's local z axis: 1 upright, -1 upside down."""
-    w, x, y, z = quat_wxyz.unbind(-1)
-    return 1 - 2 * (x * x + y * y)
-
-
 def skill_reward(root, prev_root, control_dt, vel_cmd_heading, yaw_rate_cmd, action, prev_action, args):
     """Per-world reward [N] for tracking the latent's command, plus regularisers, and the terms
     for logging. `root` is env.root_states() after the step, `prev_root` the root "pos" and "yaw"
@@ -277,8 +257,8 @@ def skill_reward(root, prev_root, control_dt, vel_cmd_heading, yaw_rate_cmd, act
     A motion prior plugs in here: with reference motions, add an AMP discriminator reward
     (ASE: -log(max(1 - sigmoid(D(norm(amp_obs))), 1e-4))) and an encoder reward for recovering z
     from the AMP observations; the tracking terms below would then become optional."""
-    yaw = heading_yaw(root["quat"])
-    vel_heading = world_to_heading((root["pos"][:, :2] - prev_root["pos"][:, :2]) / control_dt, yaw)
+    yaw = heading_angle(root["quat"])
+    vel_heading = planar_into_heading((root["pos"][:, :2] - prev_root["pos"][:, :2]) / control_dt, yaw)
     yaw_change = torch.remainder(yaw - prev_root["yaw"] + math.pi, 2 * math.pi) - math.pi
     vel_error_sq = ((vel_heading - vel_cmd_heading) ** 2).sum(-1)
     yaw_rate_error_sq = (yaw_change / control_dt - yaw_rate_cmd) ** 2
@@ -295,24 +275,6 @@ def skill_reward(root, prev_root, control_dt, vel_cmd_heading, yaw_rate_cmd, act
     terms = {"vel_tracking": vel_tracking, "yaw_tracking": yaw_tracking,
              "speed_error": vel_error_sq.sqrt(), "yaw_rate_error": yaw_rate_error_sq.sqrt()}
     return reward, terms
-
-
-# ---------------------------------------------------------------------------------------------
-# Critic (the actor is the LLC network from llc.build_llc)
-# ---------------------------------------------------------------------------------------------
-def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
-    torch.nn.init.orthogonal_(layer.weight, std)
-    torch.nn.init.constant_(layer.bias, bias_const)
-    return layer
-
-
-def make_critic(input_dim: int, hidden: Tuple[int, ...]) -> nn.Sequential:
-    layers, width = [], input_dim
-    for size in hidden:
-        layers += [layer_init(nn.Linear(width, size)), nn.ELU()]
-        width = size
-    layers.append(layer_init(nn.Linear(width, 1), std=1.0))
-    return nn.Sequential(*layers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,7 +349,7 @@ def evaluate_skills(checkpoint_path: str, args: Args, device: torch.device) -> d
     obs = env.reset()["obs"]
     root = env.root_states()
     start_pos_xy = root["pos"][:, :2].clone()
-    start_yaw = heading_yaw(root["quat"])
+    start_yaw = heading_angle(root["quat"])
     fell = torch.zeros(env.num_envs, dtype=torch.bool, device=device)
     with torch.no_grad():
         for _ in range(num_control_steps):
@@ -396,7 +358,7 @@ def evaluate_skills(checkpoint_path: str, args: Args, device: torch.device) -> d
             obs = obs_dict["obs"]
             fell |= extras["terminate"]
     root = env.root_states()
-    displacement = world_to_heading(root["pos"][:, :2] - start_pos_xy, start_yaw)  # initial-heading frame
+    displacement = planar_into_heading(root["pos"][:, :2] - start_pos_xy, start_yaw)  # initial-heading frame
     distance = displacement.norm(dim=-1)
     standing = ~fell
     reach, counts = reach_per_direction_bin(displacement[standing])
@@ -441,12 +403,165 @@ def print_skill_table(result: dict):
               "per bin, what a perfect command follower would reach")
     if "mean_commanded_distance_m" in result:
         print(f"command following (those latents): mean |displacement - commanded displacement| "
-              f"{result['mean_displacement_error_m']:.2f} m, mean commanded distance {result['mean_commanded_distance_m']:.2f} m")
+              f"{result['mean_displacement_error_m']:.2f} m, "
+              f"mean commanded distance {result['mean_commanded_distance_m']:.2f} m")
     print(f"bar (falls < 10%, >= 1.5 m in every bin): {'PASS' if result['passes_bar'] else 'FAIL'}")
 
 
 # ---------------------------------------------------------------------------------------------
-# Training
+# Training: skill command, rollout, advantages, PPO update (the trainer's), logging
+# ---------------------------------------------------------------------------------------------
+class Skill(NamedTuple):
+    """The fixed mapping from latents to commands (see latent_to_command)."""
+
+    projection: torch.Tensor  # [3, latent_dim]
+    max_speed: float  # m/s
+    max_yaw_rate: float  # rad/s
+
+    def command(self, z):
+        """[N, 3]: planar velocity command in the heading frame (m/s) and yaw-rate command (rad/s)."""
+        vel_cmd, yaw_rate_cmd = latent_to_command(z, self.projection, self.max_speed, self.max_yaw_rate)
+        return torch.cat([vel_cmd, yaw_rate_cmd[:, None]], -1)
+
+
+class SkillRolloutStorage(NamedTuple):
+    """One iteration's transitions, [num_steps, num_envs, ...] on the device, written in place."""
+
+    norm_obs: torch.Tensor  # [T, N, llc_obs_dim] the LLC's normalised observation
+    z: torch.Tensor  # [T, N, latent_dim] unit latent
+    command: torch.Tensor  # [T, N, 3] the latent's command (critic input)
+    actions: torch.Tensor  # [T, N, action_dim] sampled (unclamped) joint action
+    logprobs: torch.Tensor  # [T, N]
+    rewards: torch.Tensor  # [T, N] skill reward x reward_scale
+    dones: torch.Tensor  # [T, N] 1.0 where the episode ended after the step
+    values: torch.Tensor  # [T, N] V(obs, z, command)
+    timeout_values: torch.Tensor  # [T, N] V(s') at a timeout (bootstraps), 0 at a fall or mid-episode
+
+    @staticmethod
+    def allocate(num_steps, num_envs, obs_dim, latent_dim, action_dim, device) -> "SkillRolloutStorage":
+        def zeros(*shape):
+            return torch.zeros((num_steps, num_envs, *shape), device=device)
+
+        return SkillRolloutStorage(zeros(obs_dim), zeros(latent_dim), zeros(3), zeros(action_dim),
+                                   *(zeros() for _ in range(5)))
+
+
+@dataclass
+class WorldState:
+    """What carries over between control steps and iterations, per world."""
+
+    obs: torch.Tensor  # [N, num_obs]
+    z: torch.Tensor  # [N, latent_dim]
+    latent_steps_left: torch.Tensor  # [N] control steps the latent is still held
+    prev_action: torch.Tensor  # [N, action_dim] clamped action of the previous step (0 after a reset)
+    episode_return: torch.Tensor  # [N]
+    episode_length: torch.Tensor  # [N]
+
+
+def critic_value(critic, norm_obs, z, command):
+    return critic(torch.cat([norm_obs, z, command], -1)).squeeze(-1)
+
+
+def rollout(env, model, critic, log_std, world: WorldState, storage: SkillRolloutStorage, skill: Skill,
+            latent_generator, stats, args: Args):
+    """Fill `storage` with num_steps control steps of every world, updating `world` and the on-device
+    `stats` [8]: return sum, length sum, episodes, falls, vel/yaw tracking, speed/yaw errors."""
+    llc_obs_dim = storage.norm_obs.shape[-1]
+    for step in range(storage.norm_obs.shape[0]):
+        llc_obs = world.obs[:, :llc_obs_dim]
+        model.obs_normalizer.update(llc_obs)
+        with torch.no_grad():
+            norm_obs = model.normalize_obs(llc_obs)
+            command = skill.command(world.z)
+            storage.values[step] = critic_value(critic, norm_obs, world.z, command)
+            mean = model.mean_action(norm_obs, world.z)
+            action = mean + log_std.exp() * torch.randn_like(mean)
+            storage.logprobs[step] = torch.distributions.Normal(mean, log_std.exp()).log_prob(action).sum(-1)
+        storage.norm_obs[step], storage.z[step], storage.command[step] = norm_obs, world.z, command
+        storage.actions[step] = action
+
+        root = env.root_states()
+        prev_root = {"pos": root["pos"].clone(), "yaw": heading_angle(root["quat"])}
+        obs_dict, _, done, extras = env.step(action)
+        applied_action = action.clamp(-1.0, 1.0)
+        reward, terms = skill_reward(env.root_states(), prev_root, env.control_dt, command[:, :2], command[:, 2],
+                                     applied_action, world.prev_action, args)
+        reward = torch.where(extras["nonfinite"], torch.zeros_like(reward), reward)
+        # timeouts bootstrap from the true last state (still in obs_dict before reset_done); falls do not
+        time_out = extras["time_outs"] & ~extras["terminate"]
+        with torch.no_grad():
+            terminal_norm_obs = model.normalize_obs(obs_dict["obs"][:, :llc_obs_dim])
+            storage.timeout_values[step] = critic_value(critic, terminal_norm_obs, world.z, command) * time_out
+        storage.rewards[step] = args.reward_scale * reward
+        storage.dones[step] = done.float()
+
+        world.episode_return += reward
+        world.episode_length += 1
+        stats += torch.stack([
+            (world.episode_return * done).sum(), (world.episode_length * done).sum(), done.sum(),
+            extras["terminate"].sum(), terms["vel_tracking"].mean(), terms["yaw_tracking"].mean(),
+            terms["speed_error"].mean(), terms["yaw_rate_error"].mean()])
+        world.episode_return *= ~done
+        world.episode_length *= ~done
+        world.prev_action = torch.where(done[:, None], torch.zeros_like(applied_action), applied_action)
+
+        world.obs = env.reset_done()["obs"]
+        world.z, world.latent_steps_left = advance_latents(world.z, world.latent_steps_left, done, latent_generator,
+                                                           args.latent_hold_min, args.latent_hold_max)
+
+
+def next_state_values(storage: SkillRolloutStorage, last_value):
+    """V(s_{t+1}) for GAE: the next stored value mid-episode (last_value after the last step), the
+    timeout value where an episode ended (0 after a fall)."""
+    following = torch.cat([storage.values[1:], last_value[None]])
+    return torch.where(storage.dones.bool(), storage.timeout_values, following)
+
+
+def update_skills(model, critic, log_std, optimizer, actor_params, storage: SkillRolloutStorage, advantages, returns,
+                  args: Args) -> dict:
+    """The trainer's PPO update on the LLC (actor) and the critic; actor and critic gradients are
+    clipped separately, so that the value loss (unnormalised returns) cannot shrink the policy step."""
+    def flat(x):
+        return x.reshape(-1, *x.shape[2:])
+
+    batch = {"norm_obs": flat(storage.norm_obs), "z": flat(storage.z), "command": flat(storage.command),
+             "actions": flat(storage.actions), "logprobs": flat(storage.logprobs), "advantages": flat(advantages),
+             "returns": flat(returns), "values": flat(storage.values)}
+
+    def evaluate(mb):
+        mean = model.mean_action(mb["norm_obs"], mb["z"])
+        dist = torch.distributions.Normal(mean, log_std.exp().expand_as(mean))
+        newlogprob, entropy = dist.log_prob(mb["actions"]).sum(-1), dist.entropy().sum(-1)
+        return newlogprob, entropy, critic_value(critic, mb["norm_obs"], mb["z"], mb["command"]), {}
+
+    metrics = ppo_update(evaluate, batch, optimizer, [actor_params, list(critic.parameters())], args,
+                         args.minibatch_size)
+    metrics["losses/explained_variance"] = explained_variance(batch["values"], batch["returns"])
+    return metrics
+
+
+def log_iteration(writer, metrics: dict, stats, log_std, optimizer, global_step: int, sps: int, args: Args) -> dict:
+    """Write the iteration's scalars (one host transfer); returns the episode and skill figures."""
+    host = torch.cat([stats, torch.stack(list(metrics.values())), log_std.detach().exp().mean()[None]]).tolist()
+    ret_sum, len_sum, episodes, falls = host[:4]
+    vel_tracking, yaw_tracking, speed_error, yaw_rate_error = [s / args.num_steps for s in host[4:8]]
+    logged = dict(zip(metrics, host[8:-1]))
+    action_std = host[-1]
+    if episodes > 0:
+        writer.add_scalar("charts/episodic_return", ret_sum / episodes, global_step)
+        writer.add_scalar("charts/episodic_length", len_sum / episodes, global_step)
+    scalars = {"charts/fall_rate": falls / max(episodes, 1), "charts/learning_rate": optimizer.param_groups[0]["lr"],
+               "charts/SPS": sps, "charts/action_std": action_std, "skill/vel_tracking": vel_tracking,
+               "skill/yaw_tracking": yaw_tracking, "skill/speed_error": speed_error,
+               "skill/yaw_rate_error": yaw_rate_error, **logged}
+    for key, value in scalars.items():
+        writer.add_scalar(key, value, global_step)
+    episode_text = f"ep_return {ret_sum / episodes:7.2f} ep_len {len_sum / episodes:6.1f}" if episodes > 0 \
+        else "no episode ended"
+    return {"episodes": episode_text, "falls": int(falls), "vel_tracking": vel_tracking, "speed_error": speed_error,
+            "yaw_rate_error": yaw_rate_error, "action_std": action_std}
+
+
 def read_train_state(path: str, skill_settings: dict) -> dict:
     """The training state to continue from (--init-from), checked before anything is built: a
     readable torch file, trained with the same skill settings (the latents must mean the same)."""
@@ -478,10 +593,12 @@ if __name__ == "__main__":
     # every check before anything is built or written
     if args.robot not in ROBOTS:
         raise SystemExit(f"error: --robot {args.robot!r} is not one of {ROBOTS}")
-    latent_dim = args.latent_dim if args.latent_dim is not None else DEFAULT_LATENT_DIM[args.robot]
-    max_speed = args.max_speed if args.max_speed is not None else DEFAULT_MAX_SPEED[args.robot]
+    robot_module = load_robot(args.robot)  # per-robot defaults: LLC_LATENT_DIM, LLC_MAX_SPEED
+    latent_dim = args.latent_dim if args.latent_dim is not None else robot_module.LLC_LATENT_DIM
+    max_speed = args.max_speed if args.max_speed is not None else robot_module.LLC_MAX_SPEED
     if not 1 <= args.latent_hold_min < args.latent_hold_max:
-        raise SystemExit(f"error: latent hold range [{args.latent_hold_min}, {args.latent_hold_max}) must satisfy 1 <= min < max")
+        raise SystemExit(f"error: latent hold range [{args.latent_hold_min}, {args.latent_hold_max}) must satisfy "
+                         "1 <= min < max")
     skill_settings = {"latent_dim": latent_dim, "skill_seed": args.skill_seed, "max_speed": max_speed,
                       "max_yaw_rate": args.max_yaw_rate}
     init_state = read_train_state(args.init_from, skill_settings) if args.init_from is not None else None
@@ -497,8 +614,7 @@ if __name__ == "__main__":
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, save_code=True)
     writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text("hyperparameters",
-                    "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])))
+    writer.add_text("hyperparameters", hyperparameter_table(args))
 
     # seeding
     random.seed(args.seed)
@@ -513,7 +629,7 @@ if __name__ == "__main__":
     print(f"{run_name}: {args.num_envs} envs on {device}, simulator {env.describe_backend()}")
     llc_obs_dim = env.num_obs - env.get_task_obs_size()
     action_dim = env.num_actions
-    projection = make_skill_projection(latent_dim, args.skill_seed).to(device)
+    skill = Skill(make_skill_projection(latent_dim, args.skill_seed).to(device), max_speed, args.max_yaw_rate)
     print(f"{run_name}: {args.robot}, {args.num_envs} envs on {device}, latent {latent_dim}, "
           f"{args.num_iterations} iterations x {args.batch_size} control steps -> {checkpoint_path}")
     if args.num_iterations * args.batch_size != args.total_timesteps:
@@ -524,7 +640,7 @@ if __name__ == "__main__":
     model = build_llc(llc_obs_dim, latent_dim, action_dim, arch=args.llc_arch, hidden=tuple(args.llc_hidden),
                       activation=args.llc_activation, style_hidden=tuple(args.llc_style_hidden),
                       style_dim=args.llc_style_dim).to(device)
-    critic = make_critic(llc_obs_dim + latent_dim + 3, tuple(args.critic_hidden)).to(device)
+    critic = mlp(llc_obs_dim + latent_dim + 3, tuple(args.critic_hidden), 1, activation="elu", out_std=1.0).to(device)
     log_std = nn.Parameter(torch.full((action_dim,), args.init_log_std, device=device), requires_grad=args.learn_log_std)
     actor_params = [p for p in model.parameters() if p.requires_grad] + ([log_std] if args.learn_log_std else [])
     optimizer = torch.optim.Adam(actor_params + list(critic.parameters()), lr=args.learning_rate, eps=1e-5)
@@ -541,7 +657,7 @@ if __name__ == "__main__":
         "command": portable_command(sys.argv), "seed": args.seed,
         "latent_dim": latent_dim, "llc_arch": args.llc_arch, "llc_hidden": list(args.llc_hidden),
         "skill_mapping": {
-            "type": "planar_velocity_heading_frame+yaw_rate", "projection": projection.cpu().tolist(),
+            "type": "planar_velocity_heading_frame+yaw_rate", "projection": skill.projection.cpu().tolist(),
             "skill_seed": args.skill_seed, "max_speed": max_speed, "max_yaw_rate": args.max_yaw_rate,
             "formula": "c = projection @ z; speed = max_speed * (1 - (1 - |c[:2]|^2)^((D-2)/2)); "
                        "vel_cmd_heading = speed * c[:2] / |c[:2]|; yaw_rate_cmd = max_yaw_rate * erf(c[2] * sqrt(D/2))",
@@ -561,178 +677,39 @@ if __name__ == "__main__":
                     "skill_settings": skill_settings}, tmp_path)
         os.replace(tmp_path, train_state_path)
 
-    # storage, allocated once
-    norm_obs_buf = torch.zeros((args.num_steps, args.num_envs, llc_obs_dim), device=device)
-    z_buf = torch.zeros((args.num_steps, args.num_envs, latent_dim), device=device)
-    command_buf = torch.zeros((args.num_steps, args.num_envs, 3), device=device)
-    actions_buf = torch.zeros((args.num_steps, args.num_envs, action_dim), device=device)
-    logprobs_buf = torch.zeros((args.num_steps, args.num_envs), device=device)
-    rewards_buf = torch.zeros((args.num_steps, args.num_envs), device=device)
-    dones_buf = torch.zeros((args.num_steps, args.num_envs), device=device)
-    values_buf = torch.zeros((args.num_steps, args.num_envs), device=device)
-
-    # on-device episode and skill statistics, read once per iteration
-    episode_return = torch.zeros(args.num_envs, device=device)
-    episode_length = torch.zeros(args.num_envs, device=device)
+    storage = SkillRolloutStorage.allocate(args.num_steps, args.num_envs, llc_obs_dim, latent_dim, action_dim, device)
     stats = torch.zeros(8, device=device)  # return sum, length sum, episodes, falls, vel/yaw tracking, speed/yaw errors
-
-    def critic_input(norm_obs, z):
-        vel_cmd, yaw_rate_cmd = latent_to_command(z, projection, max_speed, args.max_yaw_rate)
-        return torch.cat([norm_obs, z, vel_cmd, yaw_rate_cmd[:, None]], -1)
-
     global_step = steps_done_before
     start_time = time.time()
     obs = env.reset()["obs"]
     z = sample_latents(args.num_envs, latent_dim, latent_generator, device)
-    latent_steps_left = torch.randint(args.latent_hold_min, args.latent_hold_max, (args.num_envs,),
-                                      generator=latent_generator, device=device)
-    prev_action = torch.zeros(args.num_envs, action_dim, device=device)
+    world = WorldState(obs, z, torch.randint(args.latent_hold_min, args.latent_hold_max, (args.num_envs,),
+                                             generator=latent_generator, device=device),
+                       torch.zeros(args.num_envs, action_dim, device=device),
+                       torch.zeros(args.num_envs, device=device), torch.zeros(args.num_envs, device=device))
 
     for iteration in range(1, args.num_iterations + 1):
         if args.anneal_lr:
             frac = 1.0 - (iteration - 1.0) / args.num_iterations
             optimizer.param_groups[0]["lr"] = frac * args.learning_rate
         stats.zero_()
+        rollout(env, model, critic, log_std, world, storage, skill, latent_generator, stats, args)
+        global_step += args.batch_size
 
-        # ---- rollout ----
-        for step in range(args.num_steps):
-            global_step += args.num_envs
-            llc_obs = obs[:, :llc_obs_dim]
-            model.obs_normalizer.update(llc_obs)
-            with torch.no_grad():
-                norm_obs = model.normalize_obs(llc_obs)
-                value_input = critic_input(norm_obs, z)
-                values_buf[step] = critic(value_input).squeeze(-1)
-                mean = model.mean_action(norm_obs, z)
-                action = mean + log_std.exp() * torch.randn_like(mean)
-                logprobs_buf[step] = torch.distributions.Normal(mean, log_std.exp()).log_prob(action).sum(-1)
-            norm_obs_buf[step], z_buf[step], command_buf[step] = norm_obs, z, value_input[:, -3:]
-            actions_buf[step] = action
+        with torch.no_grad():  # GAE; the last step bootstraps from the value of the state it left
+            last_value = critic_value(critic, model.normalize_obs(world.obs[:, :llc_obs_dim]), world.z,
+                                      skill.command(world.z))
+            advantages, returns = compute_gae(storage.rewards, storage.values, next_state_values(storage, last_value),
+                                              storage.dones, args.gamma, args.gae_lambda)
+        metrics = update_skills(model, critic, log_std, optimizer, actor_params, storage, advantages, returns, args)
 
-            root = env.root_states()
-            prev_root = {"pos": root["pos"].clone(), "yaw": heading_yaw(root["quat"])}
-            obs_dict, _, done, extras = env.step(action)
-            applied_action = action.clamp(-1.0, 1.0)
-            vel_cmd, yaw_rate_cmd = value_input[:, -3:-1], value_input[:, -1]
-            reward, terms = skill_reward(env.root_states(), prev_root, env.control_dt, vel_cmd, yaw_rate_cmd,
-                                         applied_action, prev_action, args)
-            reward = torch.where(extras["nonfinite"], torch.zeros_like(reward), reward)
-            # timeouts bootstrap from the true last state (still in obs_dict before reset_done); falls do not
-            time_out = extras["time_outs"] & ~extras["terminate"]
-            with torch.no_grad():
-                terminal_norm_obs = model.normalize_obs(obs_dict["obs"][:, :llc_obs_dim])
-                terminal_value = critic(critic_input(terminal_norm_obs, z)).squeeze(-1)
-            rewards_buf[step] = args.reward_scale * reward + args.gamma * terminal_value * time_out
-            dones_buf[step] = done.float()
-
-            episode_return += reward
-            episode_length += 1
-            stats += torch.stack([
-                (episode_return * done).sum(), (episode_length * done).sum(), done.sum(), extras["terminate"].sum(),
-                terms["vel_tracking"].mean(), terms["yaw_tracking"].mean(),
-                terms["speed_error"].mean(), terms["yaw_rate_error"].mean()])
-            episode_return *= ~done
-            episode_length *= ~done
-            prev_action = torch.where(done[:, None], torch.zeros_like(applied_action), applied_action)
-
-            obs = env.reset_done()["obs"]
-            z, latent_steps_left = advance_latents(z, latent_steps_left, done, latent_generator,
-                                                   args.latent_hold_min, args.latent_hold_max)
-
-        # ---- advantages (GAE; done[t] = the episode ended after transition t) ----
-        with torch.no_grad():
-            next_value = critic(critic_input(model.normalize_obs(obs[:, :llc_obs_dim]), z)).squeeze(-1)
-            advantages = torch.zeros_like(rewards_buf)
-            lastgaelam = 0
-            for t in reversed(range(args.num_steps)):
-                nextvalues = next_value if t == args.num_steps - 1 else values_buf[t + 1]
-                nextnonterminal = 1.0 - dones_buf[t]
-                delta = rewards_buf[t] + args.gamma * nextvalues * nextnonterminal - values_buf[t]
-                advantages[t] = lastgaelam = delta + args.gamma * args.gae_lambda * nextnonterminal * lastgaelam
-            returns = advantages + values_buf
-
-        # ---- PPO update ----
-        b_norm_obs = norm_obs_buf.reshape(-1, llc_obs_dim)
-        b_z = z_buf.reshape(-1, latent_dim)
-        b_command = command_buf.reshape(-1, 3)
-        b_actions = actions_buf.reshape(-1, action_dim)
-        b_logprobs, b_advantages = logprobs_buf.reshape(-1), advantages.reshape(-1)
-        b_returns, b_values = returns.reshape(-1), values_buf.reshape(-1)
-
-        clipfracs = []
-        for epoch in range(args.update_epochs):
-            b_inds = torch.randperm(args.batch_size, device=device)
-            for start in range(0, args.batch_size, args.minibatch_size):
-                mb_inds = b_inds[start : start + args.minibatch_size]
-                mean = model.mean_action(b_norm_obs[mb_inds], b_z[mb_inds])
-                dist = torch.distributions.Normal(mean, log_std.exp().expand_as(mean))
-                newlogprob = dist.log_prob(b_actions[mb_inds]).sum(-1)
-                entropy = dist.entropy().sum(-1)
-                newvalue = critic(torch.cat([b_norm_obs[mb_inds], b_z[mb_inds], b_command[mb_inds]], -1)).squeeze(-1)
-                logratio = newlogprob - b_logprobs[mb_inds]
-                ratio = logratio.exp()
-                with torch.no_grad():
-                    old_approx_kl = (-logratio).mean()
-                    approx_kl = ((ratio - 1) - logratio).mean()
-                    clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean())
-
-                mb_advantages = b_advantages[mb_inds]
-                if args.norm_adv:
-                    mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
-                pg_loss1 = -mb_advantages * ratio
-                pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-                pg_loss = torch.max(pg_loss1, pg_loss2).mean()
-
-                if args.clip_vloss:
-                    v_loss_unclipped = (newvalue - b_returns[mb_inds]) ** 2
-                    v_clipped = b_values[mb_inds] + torch.clamp(newvalue - b_values[mb_inds], -args.clip_coef, args.clip_coef)
-                    v_loss = 0.5 * torch.max(v_loss_unclipped, (v_clipped - b_returns[mb_inds]) ** 2).mean()
-                else:
-                    v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
-
-                entropy_loss = entropy.mean()
-                loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
-                optimizer.zero_grad()
-                loss.backward()
-                # separate clipping: the value loss (unnormalised returns) must not shrink the policy step
-                nn.utils.clip_grad_norm_(actor_params, args.max_grad_norm)
-                nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
-                optimizer.step()
-            if args.target_kl is not None and approx_kl > args.target_kl:
-                break
-
-        # ---- logging (one host sync per iteration) ----
-        y_pred, y_true = b_values, b_returns
-        var_y = torch.var(y_true)
-        explained_var = (1 - torch.var(y_true - y_pred) / var_y) if var_y > 0 else torch.tensor(float("nan"))
-        stats_host = stats.cpu().tolist()
-        ret_sum, len_sum, episodes, falls = stats_host[:4]
-        vel_tracking, yaw_tracking, speed_error, yaw_rate_error = [s / args.num_steps for s in stats_host[4:]]
         elapsed = time.time() - start_time
         sps = int((global_step - steps_done_before) / elapsed)
-        if episodes > 0:
-            writer.add_scalar("charts/episodic_return", ret_sum / episodes, global_step)
-            writer.add_scalar("charts/episodic_length", len_sum / episodes, global_step)
-        writer.add_scalar("charts/fall_rate", falls / max(episodes, 1), global_step)
-        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-        writer.add_scalar("charts/SPS", sps, global_step)
-        writer.add_scalar("charts/action_std", log_std.exp().mean().item(), global_step)
-        writer.add_scalar("skill/vel_tracking", vel_tracking, global_step)
-        writer.add_scalar("skill/yaw_tracking", yaw_tracking, global_step)
-        writer.add_scalar("skill/speed_error", speed_error, global_step)
-        writer.add_scalar("skill/yaw_rate_error", yaw_rate_error, global_step)
-        writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
-        writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
-        writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
-        writer.add_scalar("losses/old_approx_kl", old_approx_kl.item(), global_step)
-        writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
-        writer.add_scalar("losses/clipfrac", torch.stack(clipfracs).mean().item(), global_step)
-        writer.add_scalar("losses/explained_variance", float(explained_var), global_step)
+        shown = log_iteration(writer, metrics, stats, log_std, optimizer, global_step, sps, args)
         eta_s = elapsed / iteration * (args.num_iterations - iteration)
-        episode_text = f"ep_return {ret_sum / episodes:7.2f} ep_len {len_sum / episodes:6.1f}" if episodes > 0 else "no episode ended"
-        print(f"iter {iteration}/{args.num_iterations} step {global_step} SPS {sps} | {episode_text} "
-              f"falls {int(falls)} | vel_track {vel_tracking:.3f} speed_err {speed_error:.3f} m/s "
-              f"yaw_err {yaw_rate_error:.3f} rad/s | std {log_std.exp().mean().item():.3f} | "
+        print(f"iter {iteration}/{args.num_iterations} step {global_step} SPS {sps} | {shown['episodes']} "
+              f"falls {shown['falls']} | vel_track {shown['vel_tracking']:.3f} speed_err {shown['speed_error']:.3f} m/s "
+              f"yaw_err {shown['yaw_rate_error']:.3f} rad/s | std {shown['action_std']:.3f} | "
               f"ETA {int(eta_s // 60)}m{int(eta_s % 60):02d}s", flush=True)
 
         if iteration % args.save_interval == 0 or iteration == args.num_iterations:

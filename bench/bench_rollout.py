@@ -4,9 +4,9 @@ For each number of worlds N and env backend (`mjwarp`, `mujoco`), on the same ro
 (heading) in the same run:
     physics   the backend's physics alone (env.physics_step; for mjwarp the captured graph)
     env.step  env.step with fixed random actions (physics + PD targets + obs + reward + flags)
-    rollout   the trainer's rollout loop (hrl_ppo_continuous.py): policy forward pass, the
+    rollout   the trainer's rollout() (hrl_ppo_continuous.py): policy forward pass, the
               hierarchical step (k LLC forward passes and env.step calls, reward aggregation),
-              bootstrap value, episode statistics, reset_done()
+              bootstrap value, episode statistics, reset_done(), storage writes
     flat      the same loop without an LLC (k = 1), as the flat baseline runs it
     C         raw C MuJoCo physics (mujoco.rollout with --threads threads, the mujoco backend's
               count), same initial states and actions: the limit on a CPU
@@ -29,7 +29,7 @@ import torch
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_DIR)
 from bench.bench_sim import cpu_model_name, sync, time_c_mujoco  # noqa: E402
-from hrl_ppo_continuous import Agent, EpisodeStats, bootstrap_value, hierarchical_step  # noqa: E402
+from hrl_ppo_continuous import Agent, EpisodeStats, RolloutStorage, rollout  # noqa: E402
 from llc import load_llc  # noqa: E402
 from tasks import ROBOTS, make_env  # noqa: E402
 
@@ -74,25 +74,20 @@ def time_env_step(env, control_steps):
 
 
 def time_rollout(env, llc, high_level_steps):
-    """The body of the trainer's rollout loop, `high_level_steps` times (storage writes left out)."""
+    """The trainer's rollout() over `high_level_steps` high-level steps per world."""
     llc_steps = 1 if llc is None else LLC_STEPS
     action_size = env.num_actions if llc is None else llc.latent_dim
     agent = Agent(env.num_obs, action_size).to(env.device)
     stats = EpisodeStats(env.num_envs, env.device)
+    storage = RolloutStorage.allocate(high_level_steps, env.num_envs, env.num_obs, action_size, env.device)
+    warm_up = RolloutStorage.allocate(1, env.num_envs, env.num_obs, action_size, env.device)
     task_obs_size = env.get_task_obs_size()
-    state = {"obs": env.reset()["obs"]}
+    state = {"obs": rollout(env, llc, agent, env.reset()["obs"], warm_up, llc_steps, task_obs_size, 0.0, stats)}
 
-    def high_level_step():
-        with torch.no_grad():
-            action, _, _, normalized_value, _ = agent.get_action_and_value(state["obs"])
-            agent.denormalize_value(normalized_value)
-        result = hierarchical_step(env, llc, action, state["obs"], llc_steps, task_obs_size)
-        bootstrap_value(agent, result)
-        stats.update(result)
-        state["obs"] = env.reset_done()["obs"]
+    def run():
+        state["obs"] = rollout(env, llc, agent, state["obs"], storage, llc_steps, task_obs_size, 0.0, stats)
 
-    high_level_step()  # warm-up
-    return high_level_steps * llc_steps * env.num_envs / time_steps(high_level_step, high_level_steps, env.device)
+    return high_level_steps * llc_steps * env.num_envs / time_steps(run, 1, env.device)
 
 
 def main():

@@ -27,6 +27,10 @@ import torch
 from tasks.base import ase_pd_action_map, heading_rotate_inverse, quat_rotate, tan_norm_heading
 
 NAME = "ant"
+# llc_pretrain.py's defaults for this robot: latent size (as ASE for the humanoid) and the
+# largest commanded speed in m/s (covers the heading task's target speeds U[0.4, 0.8))
+LLC_LATENT_DIM = 16
+LLC_MAX_SPEED = 1.0
 MJCF_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "ant.xml")
 DECIMATION = 3
 EPISODE_LENGTH_S = 15.0

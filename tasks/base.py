@@ -75,13 +75,22 @@ def heading_angle(q):
     return torch.atan2(x_axis_world[:, 1], x_axis_world[:, 0])
 
 
+def planar_into_heading(vec_xy_world, yaw):
+    """Planar world vectors [N, 2] in the heading frame of yaw [N] (rad): rotated by -yaw."""
+    cos, sin = torch.cos(yaw), torch.sin(yaw)
+    x, y = vec_xy_world[:, 0], vec_xy_world[:, 1]
+    return torch.stack([cos * x + sin * y, -sin * x + cos * y], dim=-1)
+
+
 def heading_rotate_inverse(q, v):
     """Express world vectors v [N, 3] in the heading frame (world rotated by the root's yaw)."""
-    yaw = heading_angle(q)
-    cos, sin = torch.cos(yaw), torch.sin(yaw)
-    x = cos * v[:, 0] + sin * v[:, 1]
-    y = -sin * v[:, 0] + cos * v[:, 1]
-    return torch.stack([x, y, v[:, 2]], dim=-1)
+    return torch.cat([planar_into_heading(v[:, :2], heading_angle(q)), v[:, 2:3]], dim=-1)
+
+
+def up_axis_z(q):
+    """World z component of the body's local z axis: 1 upright, -1 upside down."""
+    w, x, y, z = q.unbind(-1)
+    return 1 - 2 * (x * x + y * y)
 
 
 def tan_norm_heading(q):

@@ -116,7 +116,7 @@ class BatchedEnv:
         self.progress = torch.zeros(n, dtype=torch.int64, device=dev)  # control steps since reset
         self.done_buf = torch.zeros(n, dtype=torch.bool, device=dev)
         self.terminate_buf = torch.zeros(n, dtype=torch.bool, device=dev)
-        self.timeout_buf = torch.zeros(n, dtype=torch.bool, device=dev)
+        self.time_outs_buf = torch.zeros(n, dtype=torch.bool, device=dev)
         self.prev_root_pos = torch.zeros(n, 3, dtype=torch.float32, device=dev)  # root at step start
         self.initial_qpos = torch.zeros_like(self.sim.qpos)  # state of each world's last reset
         self.initial_qvel = torch.zeros_like(self.sim.qvel)
@@ -140,6 +140,9 @@ class BatchedEnv:
 
     # ------------------------------------------------------------ state
     def root_states(self):
+        """The root body's state: "pos" [N, 3] (world frame, m), "quat" [N, 4] (w, x, y, z, body to
+        world), "lin_vel" [N, 3] (world frame, m/s), "ang_vel" [N, 3] (world frame, rad/s; MuJoCo's
+        free joint stores it in the body frame, rotated here)."""
         qpos, qvel = self.sim.qpos, self.sim.qvel
         quat = qpos[:, 3:7]
         return {"pos": qpos[:, 0:3], "quat": quat, "lin_vel": qvel[:, 0:3],
@@ -169,7 +172,7 @@ class BatchedEnv:
         self.sim.time.copy_(torch.where(reset_mask, torch.zeros_like(self.sim.time), self.sim.time))
         self.sim.ctrl.copy_(torch.where(mask, self.pd_offset.expand_as(self.sim.ctrl), self.sim.ctrl))
         self.progress.masked_fill_(reset_mask, 0)
-        for buf in (self.done_buf, self.terminate_buf, self.timeout_buf):
+        for buf in (self.done_buf, self.terminate_buf, self.time_outs_buf):
             buf.masked_fill_(reset_mask, False)
         self.task.reset(self.task_state, self._task_root(), reset_mask, self.generator)
 
@@ -217,7 +220,7 @@ class BatchedEnv:
 
         obs = self.compute_obs()["obs"]
         obs = torch.where(nonfinite[:, None], torch.nan_to_num(obs, 0.0, 0.0, 0.0), obs)
-        extras = {"terminate": self.terminate_buf.clone(), "time_outs": self.timeout_buf.clone(),
+        extras = {"terminate": self.terminate_buf.clone(), "time_outs": self.time_outs_buf.clone(),
                   "nonfinite": nonfinite}
         if self.has_amp_obs:
             extras["amp_obs"] = self._push_amp_frame(nonfinite)
@@ -242,8 +245,8 @@ class BatchedEnv:
         timed_out = (self.progress >= self.max_episode_length) & ~fell
         newly_done = ~self.done_buf & (fell | timed_out)
         self.terminate_buf |= (newly_done & fell) | nonfinite
-        self.timeout_buf |= newly_done & timed_out
-        self.timeout_buf &= ~nonfinite
+        self.time_outs_buf |= newly_done & timed_out
+        self.time_outs_buf &= ~nonfinite
         self.done_buf |= newly_done | nonfinite
 
     def overflowed(self):

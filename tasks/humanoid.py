@@ -28,6 +28,10 @@ import torch
 from tasks.base import heading_angle, quat_rotate
 
 NAME = "humanoid"
+# llc_pretrain.py's defaults for this robot: latent size (as ASE for the humanoid) and the
+# largest commanded speed in m/s (covers the heading task's target speeds U[1.5, 1.6))
+LLC_LATENT_DIM = 64
+LLC_MAX_SPEED = 2.0
 MJCF_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "humanoid.xml")
 DECIMATION = 4  # physics steps per control step: 120 Hz physics, 30 Hz control
 EPISODE_LENGTH_S = 10.0  # 300 control steps

@@ -138,6 +138,37 @@ def record_rollout(env, path, steps, policy=None, world=0, **recorder_kwargs):
     return recorder.num_frames
 
 
+class RecordingEnv:
+    """Env proxy that renders one world after every control step (a controller's inner steps included)."""
+
+    def __init__(self, env, recorder):
+        self.env, self.recorder = env, recorder
+
+    def step(self, actions):
+        result = self.env.step(actions)
+        self.recorder.capture()
+        return result
+
+    def __getattr__(self, name):
+        return getattr(self.env, name)
+
+
+def record_episode(env, decide, path, max_decisions, world=0, **recorder_kwargs):
+    """One episode of world `world` as an MP4. `decide(recording_env, obs)` takes one decision: it steps
+    the env it is given (one or more control steps, each one rendered) and returns the done flags [N].
+    Stops when world `world` finishes or after max_decisions; returns the frame count."""
+    obs = env.reset()["obs"]
+    recorder = VideoRecorder(env, path, world=world, **recorder_kwargs)
+    recorder.capture()
+    recording_env = RecordingEnv(env, recorder)
+    for _ in range(max_decisions):
+        if bool(decide(recording_env, obs)[world]):
+            break
+        obs = env.reset_done()["obs"]
+    recorder.close()
+    return recorder.num_frames
+
+
 def mp4_to_gif(mp4_path, gif_path, frame_stride=2, downscale=2, max_seconds=None):
     """Write every `frame_stride`-th frame of an MP4, each side divided by `downscale`, as a looping
     GIF that plays at the MP4's speed; `max_seconds` keeps only the start. Returns the frame count."""

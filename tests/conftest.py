@@ -31,7 +31,6 @@ import types
 # mujoco picks its OpenGL backend when first imported: headless EGL for the video test (see tasks/video.py)
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-import mujoco
 import numpy as np
 import pytest
 import torch
@@ -163,6 +162,8 @@ def check_random_rollout_is_finite(env, steps=1000, reset_every=5):
 def check_matches_c_mujoco(env, steps, atol, actions_fn):
     """World 0 of the env against plain C MuJoCo (an mj_step loop) on the same MJCF model, same
     initial state and same PD targets; max |qpos difference| over the trajectory must stay below atol."""
+    import mujoco  # here, not at the top: the pure-torch tests run without the simulator installed
+
     env.reset()
     data = mujoco.MjData(env.mjm)
     data.qpos[:] = env.sim.qpos[0].double().numpy()

@@ -12,6 +12,7 @@ sys.path.insert(0, os.path.join(REPO_DIR, "tests", "fake_isaacgym"))
 
 import hrl_ppo_continuous as hrl  # noqa: E402
 from fake_vec_task import FakeVecTask  # noqa: E402
+from tasks.isaacgym_env import IsaacGymEnv  # noqa: E402
 
 NUM_OBS, TASK_OBS, LATENT = 6, 2, 3
 
@@ -216,33 +217,36 @@ def test_gae_equals_a_plain_per_env_loop_exactly():
 
 
 # ------------------------------------------------------------------ training keeps the LLC frozen
-def test_ppo_update_trains_the_policy_and_leaves_the_llc_unchanged():
+def frozen_llc(tmp_path, obs_dim, action_dim):
+    """A real LLC as the trainer gets it: built, saved in the native format, loaded (frozen)."""
+    from llc import build_llc, load_llc, save_llc
+
+    torch.manual_seed(1)
+    path = str(tmp_path / "llc.pt")
+    save_llc(path, build_llc(obs_dim, LATENT, action_dim, arch="mlp", hidden=(8,)), {"robot": "fake"})
+    return load_llc(path)
+
+
+def test_rollout_and_update_train_the_policy_and_leave_the_llc_unchanged(tmp_path):
     torch.manual_seed(0)
-    env = hrl.IsaacGymEnv(FakeVecTask(num_envs=4, max_episode_length=6))
-    llc = FakeLLC(obs_dim=6, latent_dim=LATENT, action_dim=3)
+    env = IsaacGymEnv(FakeVecTask(num_envs=4, max_episode_length=6))
+    llc = frozen_llc(tmp_path, obs_dim=6, action_dim=3)
     llc_before = {k: v.clone() for k, v in llc.state_dict().items()}
     agent = hrl.Agent(env.num_obs, LATENT, hidden_sizes=(16, 16))
     agent_before = {k: v.clone() for k, v in agent.state_dict().items()}
     args = hrl.Args(update_epochs=2, learning_rate=1e-2)
-    optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate)
+    optimizer = hrl.make_optimizer(agent, args)
+    # the LLC's parameters are in no parameter group of the trainer's optimiser
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert not optimized & {id(p) for p in llc.parameters()}
+    assert not any(p.requires_grad for p in llc.parameters())
     T, k = 5, 2
-    obs_buf, actions, logprobs = torch.zeros(T, 4, env.num_obs), torch.zeros(T, 4, LATENT), torch.zeros(T, 4)
-    rewards, values, next_values, dones = (torch.zeros(T, 4) for _ in range(4))
-    next_obs = env.reset()["obs"]
-    for t in range(T):
-        obs_buf[t] = next_obs
-        with torch.no_grad():
-            action, logprobs[t], _, value_n, _ = agent.get_action_and_value(next_obs)
-        actions[t], values[t] = action, agent.denormalize_value(value_n)
-        step = hrl.hierarchical_step(env, llc, action, next_obs, k, env.get_task_obs_size())
-        rewards[t], dones[t], next_values[t] = step.reward, step.done.float(), hrl.bootstrap_value(agent, step)
-        next_obs = env.reset_done()["obs"]
+    storage = hrl.RolloutStorage.allocate(T, 4, env.num_obs, LATENT, "cpu")
+    hrl.rollout(env, llc, agent, env.reset()["obs"], storage, k, env.get_task_obs_size(), 0.0, hrl.EpisodeStats(4, "cpu"))
     assert env.vec_task.steps_taken == T * k
-    assert dones.sum() > 0  # episodes of 6 steps ended inside the rollout
-    advantages, returns = hrl.compute_gae(rewards, values, next_values, dones, 0.99, 0.95)
-    metrics = hrl.ppo_update(agent, optimizer, obs_buf.reshape(-1, env.num_obs), actions.reshape(-1, LATENT),
-                             logprobs.reshape(-1), advantages.reshape(-1), returns.reshape(-1), values.reshape(-1), args,
-                             minibatch_size=10)
+    assert storage.dones.sum() > 0  # episodes of 6 steps ended inside the rollout
+    advantages, returns = hrl.compute_gae(storage.rewards, storage.values, storage.next_values, storage.dones, 0.99, 0.95)
+    metrics = hrl.update_policy(agent, optimizer, storage, advantages, returns, args, minibatch_size=10)
     assert all(torch.isfinite(v) for v in metrics.values())
     for key, value in llc.state_dict().items():
         assert torch.equal(value, llc_before[key]), key
@@ -251,6 +255,16 @@ def test_ppo_update_trains_the_policy_and_leaves_the_llc_unchanged():
     assert not torch.equal(agent.state_dict()["critic.0.weight"], agent_before["critic.0.weight"])
     assert torch.equal(agent.actor_logstd, agent_before["actor_logstd"])  # fixed log-std (ASE)
     assert agent.value_normalizer.count > 1.0
+
+
+def test_a_trainable_llc_in_the_hierarchical_step_gets_no_gradient():
+    """Even an LLC whose parameters require gradients is run without autograd: no update can reach it."""
+    llc = FakeLLC()
+    llc.requires_grad_(True)
+    env = ScriptedEnv(*masking_script())
+    high_action = torch.ones(3, LATENT, requires_grad=True)
+    hrl.hierarchical_step(env, llc, high_action, env.reset()["obs"], 4, TASK_OBS)
+    assert not any(actions.requires_grad for actions in env.actions)
 
 
 # ------------------------------------------------------------------ networks and normalisers
@@ -294,7 +308,7 @@ class ScriptedVecTask:
 
 
 def test_isaacgym_adapter_maps_reset_buf_and_time_outs_onto_the_contract():
-    env = hrl.IsaacGymEnv(ScriptedVecTask(resets=[[1, 1, 0], [0, 0, 1], [0, 0, 0]],
+    env = IsaacGymEnv(ScriptedVecTask(resets=[[1, 1, 0], [0, 0, 1], [0, 0, 0]],
                                           time_outs=[[True, False, False], [False, False, False], [False, False, False]]))
     assert env.get_task_obs_size() == 0  # IsaacGymEnvs tasks have no task tail
     env.reset()
@@ -380,6 +394,8 @@ def test_truncated_and_random_checkpoints_are_clear_errors(tmp_path):
 
 
 def test_video_proxy_captures_every_control_step():
+    from tasks.video import RecordingEnv
+
     class CountingRecorder:
         frames = 0
 
@@ -387,7 +403,7 @@ def test_video_proxy_captures_every_control_step():
             self.frames += 1
 
     env, recorder = ScriptedEnv(*masking_script()), CountingRecorder()
-    recording_env = hrl.RecordingEnv(env, recorder)
+    recording_env = RecordingEnv(env, recorder)
     assert recording_env.get_task_obs_size() == TASK_OBS  # everything else passes through
     hrl.hierarchical_step(recording_env, FakeLLC(), torch.ones(3, LATENT), env.reset()["obs"], 4, TASK_OBS)
     assert recorder.frames == 4
@@ -419,7 +435,7 @@ class ScriptedASETask:
 
 def test_isaacgym_adapter_with_an_ase_style_task_resets_finished_envs_by_id():
     task = ScriptedASETask()
-    env = hrl.IsaacGymEnv(task)
+    env = IsaacGymEnv(task)
     assert torch.equal(env.reset()["obs"], torch.zeros(3, 4))
     obs_dict, _, done, extras = env.step(torch.zeros(3, 2))
     assert torch.equal(obs_dict["obs"], torch.ones(3, 4))

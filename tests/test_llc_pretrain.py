@@ -96,14 +96,21 @@ def test_make_skill_projection_rejects_small_latent_dim():
         lp.make_skill_projection(2, seed=0)
 
 
-def test_heading_frame_matches_the_env():
-    from tasks.base import heading_rotate_inverse
+def test_heading_frame_helpers_against_hand_computed_rotations():
+    from tasks.base import heading_angle, planar_into_heading, up_axis_z
 
-    generator = torch.Generator().manual_seed(0)
-    quat = torch.nn.functional.normalize(torch.randn(50, 4, generator=generator), dim=-1)
-    vec = torch.randn(50, 3, generator=generator)
-    expected = heading_rotate_inverse(quat, vec)[:, :2]
-    torch.testing.assert_close(lp.world_to_heading(vec[:, :2], lp.heading_yaw(quat)), expected, atol=1e-5, rtol=0)
+    yaw = torch.tensor([0.0, math.pi / 2, -2.0])
+    about_z = torch.stack([torch.cos(yaw / 2), torch.zeros(3), torch.zeros(3), torch.sin(yaw / 2)], -1)
+    torch.testing.assert_close(heading_angle(about_z), yaw)
+    # a world vector along the body's own x axis is (1, 0) in its heading frame
+    along_x = torch.stack([torch.cos(yaw), torch.sin(yaw)], -1)
+    torch.testing.assert_close(planar_into_heading(along_x, yaw), torch.tensor([[1.0, 0.0]] * 3), atol=1e-6, rtol=0)
+    torch.testing.assert_close(planar_into_heading(torch.tensor([[0.0, 1.0]]), torch.tensor([math.pi / 2])),
+                               torch.tensor([[1.0, 0.0]]), atol=1e-6, rtol=0)
+    upside_down = torch.tensor([[0.0, 1.0, 0.0, 0.0]])  # 180 degrees about x
+    tilted = torch.tensor([[math.cos(math.pi / 8), math.sin(math.pi / 8), 0.0, 0.0]])  # 45 degrees about x
+    assert up_axis_z(about_z).tolist() == [1.0, 1.0, 1.0] and up_axis_z(upside_down).item() == -1.0
+    assert up_axis_z(tilted).item() == pytest.approx(math.cos(math.pi / 4))
 
 
 def test_skill_reward_is_highest_when_tracking_the_command():
@@ -211,3 +218,14 @@ def test_unreadable_init_from_fails_before_anything_is_written(tmp_path):
     assert result.returncode != 0
     assert f"error: --init-from {state}: not a" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "llc.pt").exists()
+
+
+def test_next_state_values_bootstrap_timeouts_and_cut_falls():
+    # 3 steps, 2 worlds: world 1 times out after step 0 (V(s') = 9), world 0 falls after step 2
+    values = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    dones = torch.tensor([[0.0, 1.0], [0.0, 0.0], [1.0, 0.0]])
+    timeout_values = torch.tensor([[0.0, 9.0], [0.0, 0.0], [0.0, 0.0]])
+    storage = lp.SkillRolloutStorage(*(None,) * 5, rewards=torch.zeros(3, 2), dones=dones, values=values,
+                                     timeout_values=timeout_values)
+    next_values = lp.next_state_values(storage, last_value=torch.tensor([7.0, 8.0]))
+    assert next_values.tolist() == [[3.0, 9.0], [5.0, 6.0], [0.0, 8.0]]

@@ -15,6 +15,7 @@ import warp as wp
 from conftest import TEST_BACKENDS
 
 from tasks import BACKENDS, ROBOTS, TASKS, heading, location, make_env
+from tasks.env import resolve_backend
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -305,9 +306,22 @@ def test_video_records_mp4(ant_location_env, tmp_path):
 
 
 # ---------------------------------------------------------------- registry
-def test_registry_names():
-    assert ROBOTS == ("ant", "humanoid") and TASKS == ("heading", "location", "none")
-    assert BACKENDS == ("auto", "mjwarp", "mujoco")
+def test_every_registered_name_loads_and_unknown_names_are_refused():
+    from tasks import load_robot, load_task
+
+    for robot in ROBOTS:  # a registered robot is a module with the robot interface
+        module = load_robot(robot)
+        assert module.NAME == robot and callable(module.compute_obs) and module.LLC_LATENT_DIM >= 3
+    for task in TASKS:
+        assert load_task(task).NAME == task
+    for backend in BACKENDS:
+        assert resolve_backend(backend, torch.device("cpu")) in ("mjwarp", "mujoco")
+    with pytest.raises(ValueError, match="unknown robot 'spider'"):
+        load_robot("spider")
+    with pytest.raises(ValueError, match="unknown task 'dance'"):
+        load_task("dance")
+    with pytest.raises(ValueError, match="unknown backend 'physx'"):
+        resolve_backend("physx", torch.device("cpu"))
 
 
 def test_auto_backend_on_the_cpu_is_c_mujoco():
