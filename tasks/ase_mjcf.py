@@ -113,7 +113,7 @@ def _define_missing_materials(spec):
 
 def _set_options(spec):
     """ASE's timestep; integrator and solver as the project's humanoid (implicit PD damping)."""
-    ours = humanoid._MJM.opt
+    ours = humanoid.default_model().opt
     spec.option.timestep = TIMESTEP
     spec.option.integrator = int(ours.integrator)
     spec.option.solver = int(ours.solver)
