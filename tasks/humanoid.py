@@ -133,6 +133,7 @@ def model_constants(mjm):
 
 
 def _constants(sim):
+    """The ModelConstants of the model the worlds in `sim` simulate."""
     return model_constants(sim.mjm)
 
 

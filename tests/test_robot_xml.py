@@ -171,7 +171,8 @@ def test_llc_pretrain_trains_on_the_users_file(users_file, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"robot_xml {users_file}" in result.stdout  # the banner names the body file
     metadata = torch.load(checkpoint, weights_only=True)["metadata"]
-    assert metadata["robot_xml"] == repo_relative(str(users_file)) and metadata["pd_kp"] == OURS.actuator_gainprm[:, 0].tolist()
+    assert metadata["robot_xml"] == repo_relative(str(users_file))
+    assert metadata["pd_kp"] == OURS.actuator_gainprm[:, 0].tolist()  # from the file's joint stiffness
 
     command[command.index("humanoid")] = "ant"
     (tmp_path / "ant").mkdir()
