@@ -52,7 +52,7 @@ from torch.utils.tensorboard import SummaryWriter
 from typing_extensions import Annotated  # typing.Annotated needs Python 3.9; Isaac Gym runs on 3.8
 
 from llc import LLCCheckpointError, RunningMeanStd, load_llc, mlp, read_checkpoint
-from tasks import ROBOTS, TASKS  # names only: robot and task modules load lazily
+from tasks import ROBOTS, TASKS, load_robot_spec  # names only: robot and task modules load lazily
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -116,6 +116,8 @@ class Args:
     """w in r = (1 - w) * task + w * style"""
     local_root_obs: bool = False
     """ASE's localRootObs for the humanoid's policy and AMP observations (ASE's LLC yamls set it true); tasks/ humanoid only"""
+    robot_xml: Optional[str] = None
+    """your copy of ASE's amp_humanoid.xml, simulated instead of assets/humanoid.xml (tasks/ase_mjcf.py); humanoid only"""
 
     # PPO (ASE's high-level values where they fit; see README for the ones that differ)
     total_timesteps: Annotated[Optional[int], default_is("50M on CUDA, 300k on the CPU")] = None
@@ -203,6 +205,15 @@ def fail(message: str):
     raise SystemExit(f"error: {message}")
 
 
+def check_robot_xml(robot: str, robot_xml: Optional[str]):
+    """--robot-xml read and checked (robot, layout) before anything is built or written."""
+    if robot_xml is not None:
+        try:
+            load_robot_spec(robot, robot_xml)
+        except ValueError as error:
+            fail(f"--robot-xml: {error}")
+
+
 def check_flags(args: Args):
     """Reject conflicting flags before anything is built."""
     flat = (args.llc_checkpoint or "").lower() == "none"
@@ -232,6 +243,9 @@ def check_flags(args: Args):
     if args.local_root_obs and (not tasks_backend or args.robot != "humanoid"):
         fail(f"--local-root-obs is for --robot humanoid on the tasks/ backends (got --robot {args.robot}, "
              f"--env-backend {args.env_backend}; Isaac Gym tasks take it from their yaml)")
+    if args.robot_xml is not None and not tasks_backend:
+        fail(f"--robot-xml {args.robot_xml} is for the tasks/ backends; Isaac Gym tasks load their own")
+    check_robot_xml(args.robot, args.robot_xml)
     if args.env_factory and tasks_backend:
         fail(f"--env-factory {args.env_factory} is for --env-backend isaacgym; with the tasks/ backends use --robot/--task")
     if not tasks_backend and "isaacgym" not in sys.modules:
@@ -279,6 +293,8 @@ def make_env(args: Args, derived: Derived, num_envs: int, seed: int):
     from tasks import make_env as make_tasks_env
 
     overrides = {"local_root_obs": True} if args.local_root_obs else {}
+    if args.robot_xml is not None:
+        overrides["robot_xml"] = args.robot_xml
     return make_tasks_env(robot=args.robot, task=args.task, num_envs=num_envs, device=str(derived.device), seed=seed,
                           backend=args.env_backend, sim_threads=args.sim_threads, verbose=args.sim_verbose, **overrides)
 

@@ -29,7 +29,8 @@ import torch.nn as nn
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 
-from hrl_ppo_continuous import compute_gae, explained_variance, flush_denormals_on_cpu, hyperparameter_table, ppo_update
+from hrl_ppo_continuous import (check_robot_xml, compute_gae, explained_variance, flush_denormals_on_cpu,
+                                hyperparameter_table, ppo_update)
 from llc import LLCCheckpointError, build_llc, load_llc, mlp, portable_command, read_checkpoint, save_llc
 from tasks import ROBOTS, load_robot, make_env
 from tasks.base import heading_angle, planar_into_heading, up_axis_z
@@ -70,6 +71,8 @@ class Args:
         "(C MuJoCo on the CPU cores)"))] = "auto"
     sim_threads: Optional[int] = None
     """threads of the C MuJoCo simulator (`mujoco` backend; default: all cores)"""
+    robot_xml: Optional[str] = None
+    """your copy of ASE's amp_humanoid.xml, simulated instead of assets/humanoid.xml (tasks/ase_mjcf.py); humanoid only"""
     total_timesteps: int = 2_000_000
     """total simulator control steps (env.step calls times worlds); rounded down to whole iterations"""
     num_envs: int = 128
@@ -335,8 +338,9 @@ def evaluate_skills(checkpoint_path: str, args: Args, device: torch.device) -> d
     reached by a latent that did not fall and whose final displacement lies in that bin."""
     llc = load_llc(checkpoint_path, device=str(device))
     robot = llc.metadata.get("robot", args.robot)
+    check_robot_xml(robot, args.robot_xml)
     env = make_env(robot=robot, task="none", num_envs=args.eval_num_latents, device=str(device), seed=args.eval_seed,
-                   backend=args.env_backend, sim_threads=args.sim_threads, verbose=args.sim_verbose)
+                   backend=args.env_backend, sim_threads=args.sim_threads, verbose=args.sim_verbose, robot_xml=args.robot_xml)
     print(f"simulator {env.describe_backend()}")
     llc.check_env(env.num_obs, env.get_task_obs_size(), path=checkpoint_path)
     num_control_steps = int(round(args.eval_seconds / env.control_dt))
@@ -593,6 +597,7 @@ if __name__ == "__main__":
     # every check before anything is built or written
     if args.robot not in ROBOTS:
         raise SystemExit(f"error: --robot {args.robot!r} is not one of {ROBOTS}")
+    check_robot_xml(args.robot, args.robot_xml)
     robot_module = load_robot(args.robot)  # per-robot defaults: LLC_LATENT_DIM, LLC_MAX_SPEED
     latent_dim = args.latent_dim if args.latent_dim is not None else robot_module.LLC_LATENT_DIM
     max_speed = args.max_speed if args.max_speed is not None else robot_module.LLC_MAX_SPEED
@@ -625,7 +630,7 @@ if __name__ == "__main__":
 
     # env setup: task "none", the LLC sees the observation without a task part
     env = make_env(robot=args.robot, task="none", num_envs=args.num_envs, device=str(device), seed=args.seed,
-                   backend=args.env_backend, sim_threads=args.sim_threads, verbose=args.sim_verbose)
+                   backend=args.env_backend, sim_threads=args.sim_threads, verbose=args.sim_verbose, robot_xml=args.robot_xml)
     print(f"{run_name}: {args.num_envs} envs on {device}, simulator {env.describe_backend()}")
     llc_obs_dim = env.num_obs - env.get_task_obs_size()
     action_dim = env.num_actions
@@ -653,7 +658,7 @@ if __name__ == "__main__":
         steps_done_before, wall_time_before = int(init_state["global_step"]), float(init_state["wall_time_s"])
 
     metadata = {
-        "robot": args.robot, **env_control_settings(env),
+        "robot": args.robot, "robot_xml": args.robot_xml, **env_control_settings(env),
         "command": portable_command(sys.argv), "seed": args.seed,
         "latent_dim": latent_dim, "llc_arch": args.llc_arch, "llc_hidden": list(args.llc_hidden),
         "skill_mapping": {

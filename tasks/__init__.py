@@ -35,6 +35,26 @@ def load_task(task):
     return importlib.import_module(f"tasks.{task}")
 
 
+def load_robot_spec(robot, robot_xml=None):
+    """The MjSpec the env simulates for `robot` (a name in ROBOTS or a robot module): its own MJCF_PATH, or
+    with robot_xml the user's file at that path converted by the robot's `convert_robot_xml` (the humanoid:
+    ASE's amp_humanoid.xml, tasks/ase_mjcf.py). ValueError naming a robot that takes no robot_xml, a path
+    that is not a file, or a file whose layout is not the robot's."""
+    import mujoco
+
+    module = load_robot(robot) if isinstance(robot, str) else robot
+    if robot_xml is None:
+        return mujoco.MjSpec.from_file(module.MJCF_PATH)
+    if not hasattr(module, "convert_robot_xml"):
+        takers = [name for name in ROBOTS if hasattr(load_robot(name), "convert_robot_xml")]
+        raise ValueError(f"robot {module.NAME!r} takes no robot_xml (it simulates {module.MJCF_PATH}), got "
+                         f"{str(robot_xml)!r}; robots that take one: {takers}")
+    if not os.path.isfile(robot_xml):
+        raise ValueError(f"robot_xml {str(robot_xml)!r} is not a file; expected the path of an MJCF file "
+                         f"for robot {module.NAME!r}")
+    return module.convert_robot_xml(robot_xml)
+
+
 def quiet_warp(device):
     """Keep MuJoCo Warp's console output to what a user needs: no init banner, no per-module load
     lines, and, on a machine without a CUDA device, no CUDA-driver warning (Warp's C library prints it
@@ -82,7 +102,9 @@ def make_env(robot, task, num_envs, device="cpu", seed=0, backend="auto", sim_th
     backend: one of BACKENDS. sim_threads: threads of the `mujoco` backend (default: all cores;
     MuJoCo Warp does not use it). verbose: let MuJoCo Warp print its banner and kernel loading
     (quiet by default). overrides: decimation (physics steps per control step), episode_length_s,
-    the task's parameters (e.g. speed_range, target_range, resample_interval_s), and for `mjwarp`
+    robot_xml (the humanoid: the path of a user's copy of ASE's amp_humanoid.xml to simulate instead of
+    assets/humanoid.xml, converted in memory, see load_robot_spec), local_root_obs (the humanoid: ASE's
+    localRootObs), the task's parameters (e.g. speed_range, target_range, resample_interval_s), and for `mjwarp`
     capture (False: step eagerly instead of replaying the captured graph) and nconmax / njmax
     (contact / constraint buffer sizes per world)."""
     robot_module, task_module = load_robot(robot), load_task(task)

@@ -16,7 +16,8 @@ memory:
     - timestep 1/120 s, and the integrator and solver settings of assets/humanoid.xml
     - materials the file names but does not define (ASE's floor uses "grid") defined as a plain grey
 The body and DoF order must be humanoid.BODY_NAMES and DOF_NAMES; anything else is an ASEModelError
-naming the first difference.
+naming the first difference. make_env's override robot_xml (the scripts' --robot-xml) runs the humanoid
+on the converted model (humanoid.convert_robot_xml).
 
 Not carried over: Isaac Gym's angular damping (0.01) and maximum angular velocity (100 rad/s) have no
 MuJoCo counterpart.
@@ -113,7 +114,7 @@ def _define_missing_materials(spec):
 
 def _set_options(spec):
     """ASE's timestep; integrator and solver as the project's humanoid (implicit PD damping)."""
-    ours = humanoid._MJM.opt
+    ours = humanoid.default_model().opt
     spec.option.timestep = TIMESTEP
     spec.option.integrator = int(ours.integrator)
     spec.option.solver = int(ours.solver)

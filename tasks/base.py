@@ -7,7 +7,9 @@ the CPU cores). Robots and tasks read the same torch views on every backend, `si
     sim.xpos [N, nbody, 3] (world), sim.xquat [N, nbody, 4] (world, w x y z), sim.cvel [N, nbody, 6]
     (MuJoCo's com-based velocities: angular, then linear at the tree's centre of mass, world
     orientation), all float32. xpos / xquat / cvel after a step come from the kinematics pass of the
-    last physics step (the state one physics step before qpos / qvel).
+    last physics step (the state one physics step before qpos / qvel). sim.mjm is the MjModel the
+    worlds simulate: the robot's MJCF_PATH, or a user's file (robot_xml), so robots read their
+    model constants (masses, joint limits, ...) from it.
 
 Robot module interface (one file per robot, e.g. tasks/ant.py). A robot module provides:
     MJCF_PATH: str                 MJCF file. The first joint must be a free joint (the root): qpos[:, 0:7]
@@ -33,6 +35,9 @@ Robot module interface (one file per robot, e.g. tasks/ant.py). A robot module p
                                    body sensors to the model); for the others they stay zero.
     TASK_PARAMS: dict              optional, per task name: robot-scaled task settings, e.g.
                                    {"heading": {"speed_range": (0.4, 0.8)}}.
+    convert_robot_xml(path) -> MjSpec   optional: the robot also runs on a user's MJCF file (the make_env
+                                   override robot_xml), which this converts and checks (ValueError naming
+                                   the file and what differs from the robot's layout).
     MAX_CONTACTS_PER_WORLD: int    optional, MuJoCo Warp's contact buffer per world (default 8 per geom).
     LOCAL_ROOT_OBS: bool           optional, ASE's localRootObs default; a robot with it takes
                                    compute_obs(sim, local_root_obs=...) (the make_env override local_root_obs).

@@ -17,8 +17,10 @@ keep simulating until `reset_done()`.
 
 A physics backend is one module tasks/physics_<name>.py with
     OVERRIDES: tuple               make_env overrides it takes (passed to make_physics)
-    make_physics(robot, mjm, num_envs, device, decimation, sim_threads, **overrides) -> physics, with
-        views                      the torch views robots and tasks read (tasks/base.py lists them)
+    make_physics(robot, spec, mjm, num_envs, device, decimation, sim_threads, **overrides) -> physics
+                                   of the model `spec` (an MjSpec) compiles to, `mjm`, with
+        views                      the torch views robots and tasks read (tasks/base.py lists them),
+                                   views.mjm being `mjm`
         step()                     one control step: decimation physics steps with ctrl held
         forward(mask=None)         recompute xpos / xquat / cvel of the masked worlds (all if None)
         clear_dynamics(mask)       forget accelerations / solver warm start of the masked worlds
@@ -28,15 +30,14 @@ A physics backend is one module tasks/physics_<name>.py with
 
 import importlib
 
-import mujoco
 import numpy as np
 import torch
 
-from tasks import BACKENDS
+from tasks import BACKENDS, load_robot_spec
 from tasks.amp import fill_amp_history, make_amp_history, push_amp_frame
 from tasks.base import check_device, quat_rotate
 
-ENV_OVERRIDES = ("decimation", "episode_length_s", "local_root_obs")
+ENV_OVERRIDES = ("decimation", "episode_length_s", "local_root_obs", "robot_xml")
 
 
 def resolve_backend(backend, device):
@@ -63,7 +64,9 @@ class BatchedEnv:
         self.has_amp_obs = hasattr(robot, "amp_observation")
         self.local_root_obs = self._local_root_obs(overrides)
 
-        self.mjm = mujoco.MjModel.from_xml_path(robot.MJCF_PATH)
+        self.robot_xml = overrides.get("robot_xml")  # None: the robot's own MJCF_PATH
+        self.spec = load_robot_spec(robot, self.robot_xml)
+        self.mjm = self.spec.compile()
         self.decimation = int(overrides.get("decimation", robot.DECIMATION))
         if self.decimation < 1:
             raise ValueError(f"decimation must be >= 1, got {self.decimation}")
@@ -72,8 +75,8 @@ class BatchedEnv:
         episode_length_s = float(overrides.get("episode_length_s", robot.EPISODE_LENGTH_S))
         self.max_episode_length = max(1, round(episode_length_s / self.control_dt))
         physics_overrides = {k: v for k, v in overrides.items() if k in physics_module.OVERRIDES}
-        self.physics = physics_module.make_physics(robot, self.mjm, self.num_envs, self.device, self.decimation,
-                                                   sim_threads, **physics_overrides)
+        self.physics = physics_module.make_physics(robot, self.spec, self.mjm, self.num_envs, self.device,
+                                                   self.decimation, sim_threads, **physics_overrides)
         self.sim = self.physics.views
 
         self.num_actions = self.mjm.nu
@@ -135,8 +138,10 @@ class BatchedEnv:
         self.physics.forward(mask)
 
     def describe_backend(self):
-        """The backend, its device and threads, e.g. "mujoco (C MuJoCo 4.0.0, 2 threads)"."""
-        return self.physics.describe()
+        """The backend, its device and threads, e.g. "mujoco (C MuJoCo 4.0.0, 2 threads)", and the user's
+        body file when robot_xml was given."""
+        body = f", robot_xml {self.robot_xml}" if self.robot_xml is not None else ""
+        return self.physics.describe() + body
 
     # ------------------------------------------------------------ state
     def root_states(self):

@@ -2,7 +2,10 @@
 
 Model: assets/humanoid.xml (about 53 kg, 1.65 m, standing with the pelvis at 0.89 m). Physics at
 120 Hz, 4 physics steps per control step (30 Hz control, as ASE: 60 Hz sim x 2 substeps, control
-every 2 sim steps), episodes of 300 control steps (10 s).
+every 2 sim steps), episodes of 300 control steps (10 s). The make_env override robot_xml runs it on
+a user's copy of ASE's amp_humanoid.xml instead, converted by `convert_robot_xml` (tasks/ase_mjcf.py);
+masses, centres of mass, joint limits, fall-test geoms and the PD map are then that file's
+(`ModelConstants`, read from the model the worlds simulate, `sim.mjm`).
 
 Observation (223 numbers, as ASE's humanoid for B = 15 bodies), every vector expressed in the
 heading frame (world rotated by the inverse of the root's yaw):
@@ -19,7 +22,9 @@ kinematics pass of the last physics step, i.e. of the state one physics step (1/
 current qpos / qvel; after a reset the env recomputes them (NEEDS_FORWARD_AFTER_RESET).
 """
 
+import functools
 import os
+import weakref
 
 import mujoco
 import numpy as np
@@ -53,6 +58,7 @@ JOINTS = (
 DOF_NAMES = tuple(f"{joint}_{axis}" if size == 3 else joint
                   for joint, size in JOINTS for axis in ("xyz" if size == 3 else "_"))
 NUM_BODIES = len(BODY_NAMES)
+NUM_QPOS = 7 + len(DOF_NAMES)  # free root joint (position, quaternion) and the hinges
 NUM_ROBOT_OBS = 1 + 15 * NUM_BODIES - 3  # 223
 
 # ASE's reset pose and fall test
@@ -70,27 +76,69 @@ LOCAL_ROOT_OBS = False  # True: the root's rotation slot holds the world (not he
 NEEDS_FORWARD_AFTER_RESET = True
 MAX_CONTACTS_PER_WORLD = 64  # a humanoid lying on the floor makes about 40
 
-_MJM = mujoco.MjModel.from_xml_path(MJCF_PATH)
-# model bodies 1..15 are the robot (0 is the world), in BODY_NAMES order (checked in the tests)
-_BODY_MASS = _MJM.body_mass[1:].astype(np.float32)  # kg
-_BODY_COM_LOCAL = _MJM.body_ipos[1:].astype(np.float32)  # body frame, m
+# fall test per body, in BODY_NAMES order
 _TERMINATION_HEIGHTS = np.full(NUM_BODIES, TERMINATION_HEIGHT, dtype=np.float32)
 _TERMINATION_HEIGHTS[BODY_NAMES.index("head")] = max(HEAD_TERMINATION_HEIGHT, TERMINATION_HEIGHT)
 _CAN_FALL = np.array([name not in FOOT_BODIES for name in BODY_NAMES])
-_JOINT_RANGE = _MJM.jnt_range[1:].astype(np.float32)  # hinge limits (rad), in DoF order
-# ASE skips the fall test on the first control step after a reset; sim.time is 0 right after a
-# reset and one control step later DECIMATION physics steps have passed
-_FALL_TEST_START_TIME = 1.5 * DECIMATION * float(_MJM.opt.timestep)
-
-_constants = {}
 
 
-def _on(device, name, array):
-    """Model constants as tensors, cached per device."""
-    key = (name, str(device))
-    if key not in _constants:
-        _constants[key] = torch.as_tensor(array, device=device)
-    return _constants[key]
+# ---------------------------------------------------------------- the model
+@functools.cache
+def default_model():
+    """The default body, assets/humanoid.xml, as an MjModel (loaded once)."""
+    return mujoco.MjModel.from_xml_path(MJCF_PATH)
+
+
+def convert_robot_xml(path):
+    """A user's body file for the humanoid (make_env override robot_xml): ASE's amp_humanoid.xml at `path`
+    as an MjSpec that simulates it as Isaac Gym did, its layout checked (tasks/ase_mjcf.py, which imports
+    this module: hence the import here)."""
+    from tasks.ase_mjcf import convert_ase_mjcf
+
+    return convert_ase_mjcf(path)
+
+
+class ModelConstants:
+    """What the humanoid's functions read from the MjModel its worlds simulate (`sim.mjm`): the default
+    body or a user's converted file. Numpy arrays, and torch copies of them per device (`on`).
+
+    Model bodies 1..15 are the robot (0 is the world) in BODY_NAMES order and joints 1..28 its hinges in
+    DOF_NAMES order (checked for a user's file by tasks/ase_mjcf.py, for the default one in the tests)."""
+
+    def __init__(self, mjm):
+        self.body_mass = mjm.body_mass[1:].astype(np.float32)  # kg
+        self.body_com_local = mjm.body_ipos[1:].astype(np.float32)  # body frame, m
+        self.joint_range = mjm.jnt_range[1:].astype(np.float32)  # hinge limits (rad), in DoF order
+        (self.floor_geom_body, self.floor_geom_centre, self.floor_geom_axis, self.floor_geom_half_length,
+         self.floor_geom_radius) = _floor_contact_geoms(mjm)
+        self.floor_geom_to_body = np.eye(NUM_BODIES, dtype=np.float32)[self.floor_geom_body]  # [num_geoms, 15]
+        self.termination_heights, self.can_fall = _TERMINATION_HEIGHTS, _CAN_FALL  # per body, from the names
+        # ASE skips the fall test on the first control step after a reset; sim.time is 0 right after a
+        # reset and one control step later DECIMATION physics steps have passed
+        self.fall_test_start_time = 1.5 * DECIMATION * float(mjm.opt.timestep)  # s
+        self._tensors = {}
+
+    def on(self, device, name):
+        """Constant `name` as a torch tensor on `device`, cached."""
+        key = (name, str(device))
+        if key not in self._tensors:
+            self._tensors[key] = torch.as_tensor(getattr(self, name), device=device)
+        return self._tensors[key]
+
+
+_MODEL_CONSTANTS = weakref.WeakKeyDictionary()  # MjModel -> ModelConstants, dropped with the model
+
+
+def model_constants(mjm):
+    """The ModelConstants of `mjm`, built once per model."""
+    if mjm not in _MODEL_CONSTANTS:
+        _MODEL_CONSTANTS[mjm] = ModelConstants(mjm)
+    return _MODEL_CONSTANTS[mjm]
+
+
+def _constants(sim):
+    """The ModelConstants of the model the worlds in `sim` simulate."""
+    return model_constants(sim.mjm)
 
 
 # ---------------------------------------------------------------- PD control
@@ -150,11 +198,11 @@ def body_com_velocities(sim):
     v(p) = v(c) + w x (p - c). c and the body centres of mass are rebuilt from xpos / xquat and the
     model's masses, exactly as MuJoCo computes xipos and subtree_com.
     """
-    dev = sim.xpos.device
+    dev, constants = sim.xpos.device, _constants(sim)
     body_pos, body_quat = sim.xpos[:, 1:], sim.xquat[:, 1:]
-    com_local = _on(dev, "com_local", _BODY_COM_LOCAL).expand_as(body_pos)
+    com_local = constants.on(dev, "body_com_local").expand_as(body_pos)
     body_com = body_pos + _rotate(body_quat, com_local)  # MuJoCo's xipos
-    mass = _on(dev, "mass", _BODY_MASS)
+    mass = constants.on(dev, "body_mass")
     robot_com = (mass[:, None] * body_com).sum(1) / mass.sum()  # [N, 3], MuJoCo's subtree_com[1]
     ang_vel, lin_vel_at_robot_com = sim.cvel[:, 1:, 0:3], sim.cvel[:, 1:, 3:6]
     lin_vel = lin_vel_at_robot_com + torch.cross(ang_vel, body_com - robot_com[:, None], dim=-1)
@@ -215,23 +263,19 @@ def _floor_contact_geoms(mjm):
     return (np.asarray(body_idx), as32(centre), as32(axis), as32(half_length), as32(radius))
 
 
-_FLOOR_GEOMS = _floor_contact_geoms(_MJM)
-
-
 def touching_floor(sim):
     """Bool [N, 15]: some capsule or sphere of the (non-foot) body reaches below the floor, z = 0.
 
     MuJoCo generates a contact (margin 0) exactly when a geom penetrates the floor, so this is the
     floor part of ASE's "net contact force above 0.1 N" test, read from the body poses."""
-    dev = sim.xpos.device
-    body_idx, centre, axis, half_length, radius = (
-        _on(dev, f"floor_geom_{i}", a) for i, a in enumerate(_FLOOR_GEOMS))
+    dev, constants = sim.xpos.device, _constants(sim)
+    body_idx, centre, axis, half_length, radius = (constants.on(dev, f"floor_geom_{name}") for name in (
+        "body", "centre", "axis", "half_length", "radius"))
     geom_body_pos, geom_body_quat = sim.xpos[:, 1:][:, body_idx], sim.xquat[:, 1:][:, body_idx]
     centre_z = (geom_body_pos + _rotate(geom_body_quat, centre.expand_as(geom_body_pos)))[..., 2]
     axis_z = _rotate(geom_body_quat, axis.expand_as(geom_body_pos))[..., 2]
     lowest_z = centre_z - half_length * axis_z.abs() - radius  # [N, num_geoms]
-    geom_to_body = _on(dev, "floor_geom_to_body", np.eye(NUM_BODIES, dtype=np.float32)[_FLOOR_GEOMS[0]])
-    return ((lowest_z < 0.0).to(torch.float32) @ geom_to_body) > 0  # [N, 15]
+    return ((lowest_z < 0.0).to(torch.float32) @ constants.on(dev, "floor_geom_to_body")) > 0  # [N, 15]
 
 
 def fallen(sim):
@@ -241,15 +285,15 @@ def fallen(sim):
 
     ASE reads contact forces (any contact, self-contacts included); here contact means touching
     the floor (see `touching_floor`), so a low body touching only another body does not count."""
-    dev = sim.xpos.device
-    too_low = (sim.xpos[:, 1:, 2] < _on(dev, "term_heights", _TERMINATION_HEIGHTS)) & _on(dev, "can_fall", _CAN_FALL)
-    return touching_floor(sim).any(-1) & too_low.any(-1) & (sim.time > _FALL_TEST_START_TIME)
+    dev, constants = sim.xpos.device, _constants(sim)
+    too_low = (sim.xpos[:, 1:, 2] < constants.on(dev, "termination_heights")) & constants.on(dev, "can_fall")
+    return touching_floor(sim).any(-1) & too_low.any(-1) & (sim.time > constants.fall_test_start_time)
 
 
 # ---------------------------------------------------------------- reset
 def standing_qpos(yaw):
     """The standing pose facing `yaw` [N] (rad): pelvis at 0.89 m, upright, every joint at 0. [N, 35]."""
-    qpos = torch.zeros(yaw.shape[0], _MJM.nq, dtype=torch.float32, device=yaw.device)
+    qpos = torch.zeros(yaw.shape[0], NUM_QPOS, dtype=torch.float32, device=yaw.device)
     qpos[:, 2] = STANDING_ROOT_HEIGHT
     qpos[:, 3] = torch.cos(0.5 * yaw)
     qpos[:, 6] = torch.sin(0.5 * yaw)
@@ -263,7 +307,7 @@ def reset_state(sim, reset_mask, generator):
     n, dev = sim.qpos.shape[0], sim.qpos.device
     yaw = (torch.rand(n, device=dev, generator=generator) * 2.0 - 1.0) * torch.pi
     qpos = standing_qpos(yaw)
-    limits = _on(dev, "joint_range", _JOINT_RANGE)
+    limits = _constants(sim).on(dev, "joint_range")
     noise = torch.rand(n, len(DOF_NAMES), device=dev, generator=generator) * 2.0 - 1.0
     qpos[:, 7:] = torch.clamp(qpos[:, 7:] + RESET_DOF_POS_NOISE * noise, limits[:, 0], limits[:, 1])
     qvel = torch.zeros_like(sim.qvel)

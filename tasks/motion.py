@@ -166,18 +166,18 @@ def _check_skeleton(skeleton, path):
             f"{path}: skeleton does not match the humanoid: node {first} is {found!r}, expected {expected!r} "
             f"({len(names)} nodes, expected {len(BODY_NAMES)}; missing {missing}, unexpected {extra})")
     parents = _field(skeleton, "parent_indices", path, (len(BODY_NAMES),)).long().tolist()
-    expected_parents = [int(p) - 1 for p in humanoid._MJM.body_parentid[1:]]
+    expected_parents = [int(p) - 1 for p in humanoid.default_model().body_parentid[1:]]
     if parents != expected_parents:
         raise MotionFileError(f"{path}: skeleton parents {parents} differ from the humanoid's {expected_parents}")
 
 
 def _joint_bodies_and_axes():
     """Per entry of JOINTS: the index (0..14) of the body it moves and its hinge axes [size, 3]."""
-    bodies, axes, dof = [], [], 0
+    mjm, bodies, axes, dof = humanoid.default_model(), [], [], 0
     for _, size in JOINTS:
         joint_ids = range(1 + dof, 1 + dof + size)  # model joint 0 is the free joint
-        bodies.append(int(humanoid._MJM.jnt_bodyid[joint_ids[0]]) - 1)
-        axes.append(torch.as_tensor(humanoid._MJM.jnt_axis[list(joint_ids)], dtype=torch.float64))
+        bodies.append(int(mjm.jnt_bodyid[joint_ids[0]]) - 1)
+        axes.append(torch.as_tensor(mjm.jnt_axis[list(joint_ids)], dtype=torch.float64))
         dof += size
     return bodies, axes
 
@@ -208,7 +208,7 @@ def _rotation_rate(quat, dt, world):
 
 def _forward_kinematics(root_pos, local_rot, local_translation):
     """World origins [T, 15, 3] of the clip skeleton's bodies (parents come before children)."""
-    parents = [int(p) - 1 for p in humanoid._MJM.body_parentid[1:]]
+    parents = [int(p) - 1 for p in humanoid.default_model().body_parentid[1:]]
     world_rot, world_pos = [local_rot[:, 0]], [root_pos]
     for body in range(1, len(BODY_NAMES)):
         parent_rot, parent_pos = world_rot[parents[body]], world_pos[parents[body]]

@@ -21,7 +21,8 @@ DERIVED_VIEWS = ("xpos", "xquat", "cvel")  # what forward() recomputes that robo
 class SimViews:
     """Torch views (shared memory, no copies) of the MuJoCo Warp arrays robots and tasks read."""
 
-    def __init__(self, d):
+    def __init__(self, d, mjm):
+        self.mjm = mjm  # the MjModel the worlds simulate (robots read their constants from it)
         self.qpos = wp.to_torch(d.qpos)  # [N, nq]
         self.qvel = wp.to_torch(d.qvel)  # [N, nv]
         self.ctrl = wp.to_torch(d.ctrl)  # [N, nu] PD targets (rad)
@@ -60,7 +61,7 @@ class MjwarpPhysics:
             self.m.opt.warn_overflow = BUFFER_OVERFLOWS
             self.d = mjw.make_data(mjm, nworld=num_envs, nconmax=self.nconmax, njmax=self.njmax,
                                    naconmax=self.naconmax)
-        self.views = SimViews(self.d)
+        self.views = SimViews(self.d, mjm)
         self.physics_graph = self.forward_graph = None
         if capture:
             self._capture_graphs()
@@ -129,6 +130,7 @@ class MjwarpPhysics:
         return (self.views.overflow & BUFFER_OVERFLOWS) != 0
 
 
-def make_physics(robot, mjm, num_envs, device, decimation, sim_threads=None, **overrides):
-    """The env's factory (sim_threads is for the C backend and unused here)."""
+def make_physics(robot, spec, mjm, num_envs, device, decimation, sim_threads=None, **overrides):
+    """The env's factory: the worlds simulate `mjm` (compiled from `spec`; sim_threads is for the C backend
+    and unused here)."""
     return MjwarpPhysics(mjm, robot, num_envs, device, decimation, **overrides)

@@ -54,7 +54,9 @@ class SimViews:
     """Torch views (float32, shared memory with numpy arrays) of the state robots and tasks read;
     the same names, shapes and frames as MuJoCo Warp's."""
 
-    def __init__(self, state, ctrl, xpos, xquat, cvel, nq, nv):
+    def __init__(self, mjm, state, ctrl, xpos, xquat, cvel):
+        nq, nv = mjm.nq, mjm.nv
+        self.mjm = mjm  # the MjModel the worlds simulate (robots read their constants from it)
         self.time = state[:, 0]  # [N] s
         self.qpos = state[:, 1:1 + nq]  # [N, nq]
         self.qvel = state[:, 1 + nq:1 + nq + nv]  # [N, nv]
@@ -83,20 +85,22 @@ def sensor_block(model, first_name, width, count):
 
 
 class MujocoPhysics:
-    """Steps `num_envs` worlds of the MJCF at `mjcf_path` with C MuJoCo on `sim_threads` threads.
+    """Steps `num_envs` worlds of the model `spec` (an MjSpec) compiles to, `mjm`, with C MuJoCo on
+    `sim_threads` threads.
 
-    body_views: add the body sensors and fill xpos / xquat / cvel (robots that read them); without,
+    body_views: add the body sensors (to a copy of `spec`) and fill xpos / xquat / cvel (robots that read them); without,
     those views stay zero and the step costs only the physics."""
 
     name = "mujoco"
 
-    def __init__(self, mjcf_path, num_envs, decimation, sim_threads=None, body_views=True):
+    def __init__(self, spec, mjm, num_envs, decimation, sim_threads=None, body_views=True):
         self.threads = check_threads(sim_threads)
-        spec = mujoco.MjSpec.from_file(mjcf_path)
+        self.mjm = mjm
         self.body_views = bool(body_views)
         if self.body_views:
-            add_body_sensors(spec, spec.compile())
-        self.model = spec.compile()  # the MJCF's physics, plus the body sensors
+            spec = spec.copy()
+            add_body_sensors(spec, mjm)
+        self.model = spec.compile()  # the physics of mjm, plus the body sensors
         # as on MuJoCo Warp, a diverging world turns NaN (the env restarts and counts it) instead of
         # being silently reset to the model's qpos0 by mj_step
         self.model.opt.disableflags |= mujoco.mjtDisableBit.mjDSBL_AUTORESET
@@ -124,8 +128,8 @@ class MujocoPhysics:
         self.xquat32 = np.zeros((n, nbody, 4), dtype=np.float32)
         self.xquat32[:, :, 0] = 1.0
         self.cvel32 = np.zeros((n, nbody, 6), dtype=np.float32)
-        self.views = SimViews(*(torch.from_numpy(a) for a in (
-            self.state32, self.ctrl32, self.xpos32, self.xquat32, self.cvel32)), m.nq, m.nv)
+        self.views = SimViews(self.mjm, *(torch.from_numpy(a) for a in (
+            self.state32, self.ctrl32, self.xpos32, self.xquat32, self.cvel32)))
         self.qvel_cols = slice(1 + m.nq, 1 + m.nq + m.nv)
         if self.body_views:
             self._locate_body_sensors()
@@ -216,10 +220,11 @@ def check_threads(sim_threads):
     return int(sim_threads)
 
 
-def make_physics(robot, mjm, num_envs, device, decimation, sim_threads=None, **overrides):
-    """The env's factory: C MuJoCo on the CPU, body views for the robots that read them."""
+def make_physics(robot, spec, mjm, num_envs, device, decimation, sim_threads=None, **overrides):
+    """The env's factory: C MuJoCo on the CPU simulating `mjm` (compiled from `spec`), body views for the
+    robots that read them."""
     if device.type != "cpu":
         raise ValueError(f"backend 'mujoco' runs on the CPU, device {str(device)!r} given: "
                          f"use device 'cpu' or backend 'mjwarp'")
-    return MujocoPhysics(robot.MJCF_PATH, num_envs, decimation, sim_threads,
+    return MujocoPhysics(spec, mjm, num_envs, decimation, sim_threads,
                          body_views=robot.NEEDS_FORWARD_AFTER_RESET)

@@ -35,7 +35,7 @@ def random_state(seed, steps=40):
 def views(datas):
     """The simulator views the humanoid reads, float32 as MuJoCo Warp's, one row per MjData."""
     stack = lambda name: torch.tensor(np.stack([getattr(d, name) for d in datas]), dtype=torch.float32)  # noqa: E731
-    return types.SimpleNamespace(**{name: stack(name) for name in ("qpos", "qvel", "xpos", "xquat", "cvel")})
+    return types.SimpleNamespace(mjm=MJM, **{name: stack(name) for name in ("qpos", "qvel", "xpos", "xquat", "cvel")})
 
 
 def rotation_matrix(axis_angle):

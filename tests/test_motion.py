@@ -185,8 +185,8 @@ def test_clip_frame_and_simulator_frame_come_from_the_same_code(tmp_path):
     clip = motion.load_motion(save_clip(tmp_path / "c.npy", rotation, np.array([[0.5, 1.0, 0.9]] * 2)))
     data = mujoco.MjData(MJM)
     motion.set_frame(MJM, data, clip, 1)
-    sim = types.SimpleNamespace(**{name: torch.tensor(getattr(data, name)[None], dtype=torch.float32)
-                                   for name in ("qpos", "qvel", "xpos", "xquat", "cvel")})
+    sim = types.SimpleNamespace(mjm=MJM, **{name: torch.tensor(getattr(data, name)[None], dtype=torch.float32)
+                                            for name in ("qpos", "qvel", "xpos", "xquat", "cvel")})
     pose = torch.ones(125, dtype=torch.bool)
     pose[7:13] = pose[85:113] = False  # root and DoF velocities
     for local_root_obs in (True, False):
