@@ -8,8 +8,8 @@ control steps, measured per world and step: max |qpos difference| about 1e-6 (an
 1 / dt), reward 1e-6 and 1e-5. The exception is a contact event: when a foot touches down exactly
 at a physics step boundary, rounding decides on which step the contact starts, and that world jumps
 to about 1e-3 in qpos (7e-2 in the obs: joint velocities) for a few steps, then converges again
-(seen in 1 of 4 ant worlds for 5 of 30 steps). So the check is two-level: at least 90% of the (world, step) pairs within the rounding
-bounds below (about 10x the measured values), and every pair within the contact-event bounds
+(seen in 1 of 4 ant worlds for 5 of 30 steps). So the check is two-level: at least 90% of the (world, step)
+pairs within the rounding bounds below (about 10x the measured values), and every pair within the contact-event bounds
 (about 4x the largest jump). A modelling difference between the backends (a missing contact
 pair, a different solver setting, a stale body pose) shows up as 1e-2 and more, in every world.
 Random actions are not used: they make and break contacts all the time, and the trajectories

@@ -26,7 +26,8 @@ def run(args, cwd, extra_env=None, check=True, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true", **(extra_env or {}))
     result = subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f"exit code {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}")
+        raise AssertionError(f"exit code {result.returncode}\nstdout:\n{result.stdout[-3000:]}\n"
+                             f"stderr:\n{result.stderr[-3000:]}")
     return result
 
 

@@ -387,7 +387,8 @@ def test_truncated_and_random_checkpoints_are_clear_errors(tmp_path):
     torch.save({"format": "hrl_ppo_checkpoint", "agent": {"w": torch.zeros(1000)}}, str(whole))
     truncated, random_bytes = tmp_path / "truncated.pt", tmp_path / "random.pt"
     truncated.write_bytes(whole.read_bytes()[:500])
-    random_bytes.write_bytes(bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).tolist()))
+    generator = torch.Generator().manual_seed(0)
+    random_bytes.write_bytes(bytes(torch.randint(0, 256, (4096,), generator=generator, dtype=torch.uint8).tolist()))
     for path in (truncated, random_bytes):
         with pytest.raises(SystemExit, match=f"error: checkpoint {path}: not a .*torch checkpoint"):
             hrl.load_checkpoint(str(path))

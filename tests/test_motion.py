@@ -238,7 +238,8 @@ def test_files_that_are_not_clips_are_clear_errors(tmp_path):
         motion.load_motion(tmp_path / "text.npy")
     _, rotation, root_translation, _ = synthetic_motion()
     path = save_clip(tmp_path / "short.npy", rotation[:, :14], root_translation)
-    with pytest.raises(motion.MotionFileError, match=r"short\.npy: field 'rotation' has shape \[6, 14, 4\], expected \[Tx15x4\]"):
+    expected = r"short\.npy: field 'rotation' has shape \[6, 14, 4\], expected \[Tx15x4\]"
+    with pytest.raises(motion.MotionFileError, match=expected):
         motion.load_motion(path)
     np.save(tmp_path / "no_rotation.npy", collections.OrderedDict(skeleton_tree={}), allow_pickle=True)
     with pytest.raises(motion.MotionFileError, match=r"no_rotation\.npy: skeleton does not match"):
