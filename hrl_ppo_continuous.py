@@ -35,6 +35,7 @@ if __name__ == "__main__" and requested_backend(sys.argv[1:]) == "isaacgym":
     except ImportError as err:
         sys.exit(f"error: {ISAACGYM_MISSING} ({err})")
 
+import math
 import random
 import signal
 import time
@@ -225,10 +226,6 @@ def check_flags(args: Args):
     if flat and args.style_reward_weight:
         fail(f"--style-reward-weight {args.style_reward_weight} needs an LLC with a discriminator, "
              "but --llc-checkpoint is none")
-    if args.llc_steps is not None and args.llc_steps < 1:
-        fail(f"--llc-steps must be >= 1, got {args.llc_steps}")
-    if args.style_reward_weight is not None and not 0.0 <= args.style_reward_weight <= 1.0:
-        fail(f"--style-reward-weight must lie in [0, 1], got {args.style_reward_weight}")
     if args.capture_video and not tasks_backend:
         fail("--capture-video is supported with the tasks/ backends (auto, mjwarp, mujoco) only "
              "(render Isaac Gym runs with its viewer)")
@@ -250,11 +247,46 @@ def check_flags(args: Args):
         fail(f"--env-factory {args.env_factory} is for --env-backend isaacgym; with the tasks/ backends use --robot/--task")
     if not tasks_backend and "isaacgym" not in sys.modules:
         fail("--env-backend isaacgym must be given on the command line (Isaac Gym is imported before torch)")
-    for name in ("num_envs", "sim_threads", "total_timesteps", "num_steps", "num_minibatches", "update_epochs",
-                 "checkpoint_interval", "eval_episodes"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            fail(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    check_ranges(args, FLAG_RANGES)
+
+
+def positive(value):
+    return math.isfinite(value) and value > 0
+
+
+def non_negative(value):
+    return math.isfinite(value) and value >= 0
+
+
+def unit_interval(value):
+    return 0.0 <= value <= 1.0  # False for NaN
+
+
+# flag: (test a value must pass, what is allowed); None passes where the flag has a None default
+FLAG_RANGES = {
+    **{name: (lambda v: v >= 1, "an integer >= 1") for name in (
+        "num_envs", "sim_threads", "total_timesteps", "num_steps", "num_minibatches", "update_epochs",
+        "checkpoint_interval", "eval_episodes", "llc_steps")},
+    "torch_threads": (lambda v: v >= 0, "an integer >= 0 (0: torch's default)"),
+    "gamma": (unit_interval, "a number in [0, 1]"), "gae_lambda": (unit_interval, "a number in [0, 1]"),
+    "style_reward_weight": (unit_interval, "a number in [0, 1]"),
+    "learning_rate": (positive, "a finite number > 0"), "clip_coef": (positive, "a finite number > 0"),
+    "max_grad_norm": (positive, "a finite number > 0 (leave it out for no clipping)"),
+    "target_kl": (positive, "a finite number > 0 (leave it out for no early stop)"),
+    "vf_coef": (non_negative, "a finite number >= 0"), "ent_coef": (non_negative, "a finite number >= 0"),
+    "bounds_loss_coef": (non_negative, "a finite number >= 0"),
+    "init_log_std": (math.isfinite, "a finite number"),
+    "hidden_sizes": (lambda sizes: len(sizes) > 0 and all(size >= 1 for size in sizes), "one or more integers >= 1"),
+}
+
+
+def check_ranges(args, ranges: dict):
+    """Every flag in `ranges` that args has passes its test, else an error naming the value and what is allowed."""
+    for name, (test, allowed) in ranges.items():
+        value = getattr(args, name, None)
+        if value is not None and not test(value):
+            shown = " ".join(str(v) for v in value) if isinstance(value, (tuple, list)) else value
+            fail(f"--{name.replace('_', '-')} {shown}: expected {allowed}")
 
 
 def derive(args: Args) -> Derived:
@@ -269,6 +301,10 @@ def derive(args: Args) -> Derived:
     batch_size = num_envs * args.num_steps
     if batch_size % args.num_minibatches:
         fail(f"num_envs * num_steps = {batch_size} is not divisible by --num-minibatches {args.num_minibatches}")
+    if args.norm_adv and batch_size // args.num_minibatches < 2:
+        fail(f"a minibatch of {batch_size // args.num_minibatches} transition (num_envs x num_steps / num_minibatches = "
+             f"{num_envs} x {args.num_steps} / {args.num_minibatches}) has no advantage spread to normalise: "
+             "use fewer minibatches or more envs or steps")
     sim_steps_per_iteration = batch_size * llc_steps
     num_iterations = max(1, total_timesteps // sim_steps_per_iteration)
     return Derived(device, flat, llc_path, llc_steps, num_envs, total_timesteps, batch_size,

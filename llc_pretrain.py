@@ -29,8 +29,8 @@ import torch.nn as nn
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 
-from hrl_ppo_continuous import (check_robot_xml, compute_gae, explained_variance, flush_denormals_on_cpu,
-                                hyperparameter_table, ppo_update)
+from hrl_ppo_continuous import (FLAG_RANGES, check_ranges, check_robot_xml, compute_gae, explained_variance,
+                                flush_denormals_on_cpu, hyperparameter_table, non_negative, positive, ppo_update)
 from llc import LLCCheckpointError, build_llc, load_llc, mlp, portable_command, read_checkpoint, save_llc
 from tasks import ROBOTS, load_robot, make_env
 from tasks.base import heading_angle, planar_into_heading, up_axis_z
@@ -184,6 +184,30 @@ class Args:
 
 
 EVAL_DIRECTION_BINS = 8
+
+
+def sizes_at_least_one(sizes):
+    return all(size >= 1 for size in sizes)
+
+
+# the trainer's flag ranges where the names agree, plus this script's own
+PRETRAIN_FLAG_RANGES = {
+    **{name: FLAG_RANGES[name] for name in (
+        "num_envs", "sim_threads", "total_timesteps", "num_steps", "num_minibatches", "update_epochs", "torch_threads",
+        "gamma", "gae_lambda", "learning_rate", "clip_coef", "max_grad_norm", "target_kl", "vf_coef", "ent_coef",
+        "init_log_std")},
+    **{name: (lambda v: v >= 1, "an integer >= 1") for name in ("save_interval", "eval_num_latents")},
+    "max_grad_norm": (positive, "a finite number > 0"),
+    "latent_dim": (lambda v: v >= 3, "an integer >= 3 (the skill mapping uses three coordinates of z)"),
+    "llc_hidden": (lambda sizes: len(sizes) > 0 and sizes_at_least_one(sizes), "one or more integers >= 1"),
+    "critic_hidden": (lambda sizes: len(sizes) > 0 and sizes_at_least_one(sizes), "one or more integers >= 1"),
+    "llc_style_hidden": (sizes_at_least_one, "integers >= 1"), "llc_style_dim": (lambda v: v >= 1, "an integer >= 1"),
+    **{name: (positive, "a finite number > 0") for name in (
+        "max_speed", "vel_reward_sigma", "yaw_reward_sigma", "eval_seconds", "reward_scale")},
+    **{name: (non_negative, "a finite number >= 0") for name in (
+        "max_yaw_rate", "vel_reward_weight", "yaw_reward_weight", "upright_reward_weight", "action_rate_penalty",
+        "action_penalty")},
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -581,12 +605,11 @@ def read_train_state(path: str, skill_settings: dict) -> dict:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    check_ranges(args, PRETRAIN_FLAG_RANGES)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
     flush_denormals_on_cpu(device)
-    if args.sim_threads is not None and args.sim_threads < 1:
-        raise SystemExit(f"error: --sim-threads must be >= 1, got {args.sim_threads}")
     if args.evaluate is not None:
         try:
             evaluate_skills(args.evaluate, args, device)
@@ -609,6 +632,9 @@ if __name__ == "__main__":
     init_state = read_train_state(args.init_from, skill_settings) if args.init_from is not None else None
     args.batch_size = int(args.num_envs * args.num_steps)
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
+    if args.batch_size % args.num_minibatches or args.minibatch_size < 2:
+        raise SystemExit(f"error: --num-envs x --num-steps = {args.batch_size} must split into --num-minibatches "
+                         f"{args.num_minibatches} equal minibatches of at least 2 transitions")
     args.num_iterations = max(1, args.total_timesteps // args.batch_size)
     run_name = f"{args.robot}__{args.exp_name}__{args.seed}__{int(time.time())}"
     checkpoint_path = args.checkpoint_path or f"runs/{run_name}/llc.pt"

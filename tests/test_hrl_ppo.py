@@ -326,16 +326,40 @@ def test_isaacgym_adapter_maps_reset_buf_and_time_outs_onto_the_contract():
 
 # ------------------------------------------------------------------ flags and checkpoints
 @pytest.mark.parametrize("argv, message", [
+    (["--gamma", "1.5"], "--gamma 1.5: expected a number in \\[0, 1\\]"),
+    (["--gae-lambda", "2"], "--gae-lambda 2.0: expected a number in \\[0, 1\\]"),
+    (["--clip-coef", "-1"], "--clip-coef -1.0: expected a finite number > 0"),
+    (["--learning-rate", "0"], "--learning-rate 0.0: expected a finite number > 0"),
+    (["--learning-rate", "-1e-4"], "--learning-rate -0.0001: expected a finite number > 0"),
+    (["--learning-rate", "nan"], "--learning-rate nan: expected a finite number > 0"),
+    (["--vf-coef", "-5"], "--vf-coef -5.0: expected a finite number >= 0"),
+    (["--hidden-sizes", "0", "64"], "--hidden-sizes 0 64: expected one or more integers >= 1"),
+    (["--max-grad-norm", "-1"], "--max-grad-norm -1.0: expected a finite number > 0"),
+    (["--init-log-std", "nan"], "--init-log-std nan: expected a finite number"),
+    (["--target-kl", "0"], "--target-kl 0.0: expected a finite number > 0"),
+    (["--torch-threads", "-2"], "--torch-threads -2: expected an integer >= 0"),
+])
+def test_out_of_range_flags_name_the_value_and_what_is_allowed(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        hrl.parse_args(argv)
+
+
+def test_a_minibatch_of_one_transition_is_refused():
+    with pytest.raises(SystemExit, match="a minibatch of 1 transition .* no advantage spread"):
+        hrl.derive(hrl.parse_args(["--num-envs", "2", "--num-steps", "2", "--num-minibatches", "4"]))
+
+
+@pytest.mark.parametrize("argv, message", [
     (["--resume", "a.pt", "--eval-checkpoint", "b.pt"], "exclude each other"),
     (["--llc-checkpoint", "none", "--llc-steps", "5"], "--llc-steps must be 1, got 5"),
     (["--llc-checkpoint", "none", "--style-reward-weight", "0.1"], "needs an LLC with a discriminator"),
     (["--env-backend", "isaacgym", "--capture-video"], "--capture-video is supported with the tasks/ backends"),
     (["--env-factory", "mod:fn"], "--env-factory mod:fn is for --env-backend isaacgym"),
     (["--env-backend", "isaacgym"], "must be given on the command line"),
-    (["--llc-steps", "0"], "--llc-steps must be >= 1, got 0"),
-    (["--sim-threads", "0"], "--sim-threads must be >= 1, got 0"),
+    (["--llc-steps", "0"], "--llc-steps 0: expected an integer >= 1"),
+    (["--sim-threads", "0"], "--sim-threads 0: expected an integer >= 1"),
     (["--robot", "spider"], "--robot spider --task heading: expected a robot in"),
-    (["--style-reward-weight", "1.5"], "must lie in \\[0, 1\\], got 1.5"),
+    (["--style-reward-weight", "1.5"], "--style-reward-weight 1.5: expected a number in \\[0, 1\\]"),
     (["--local-root-obs"], "--local-root-obs is for --robot humanoid on the tasks/ backends \\(got --robot ant"),
     (["--eval-checkpoint", "/nonexistent/ckpt.pt"], "checkpoint /nonexistent/ckpt.pt does not exist"),
 ])

@@ -229,3 +229,18 @@ def test_next_state_values_bootstrap_timeouts_and_cut_falls():
                                      timeout_values=timeout_values)
     next_values = lp.next_state_values(storage, last_value=torch.tensor([7.0, 8.0]))
     assert next_values.tolist() == [[3.0, 9.0], [5.0, 6.0], [0.0, 8.0]]
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"gamma": 2.0}, "--gamma 2.0: expected a number in \\[0, 1\\]"),
+    ({"max_grad_norm": -1.0}, "--max-grad-norm -1.0: expected a finite number > 0"),
+    ({"learning_rate": float("nan")}, "--learning-rate nan: expected a finite number > 0"),
+    ({"latent_dim": 2}, "--latent-dim 2: expected an integer >= 3"),
+    ({"llc_hidden": (256, 0)}, "--llc-hidden 256 0: expected one or more integers >= 1"),
+    ({"max_speed": 0.0}, "--max-speed 0.0: expected a finite number > 0"),
+    ({"action_penalty": -0.1}, "--action-penalty -0.1: expected a finite number >= 0"),
+])
+def test_out_of_range_flags_are_refused_with_the_value_and_what_is_allowed(flags, message):
+    with pytest.raises(SystemExit, match=message):
+        lp.check_ranges(lp.Args(**flags), lp.PRETRAIN_FLAG_RANGES)
+    lp.check_ranges(lp.Args(), lp.PRETRAIN_FLAG_RANGES)  # the defaults pass
