@@ -164,6 +164,9 @@ class Args:
     normalize_value: bool = True
     """running mean/std normalisation of the value targets"""
 
+    max_nonfinite_updates: int = 10
+    """stop after this many optimiser steps in a row with a non-finite loss or gradient (each one is skipped)"""
+
     # Checkpoints and evaluation
     checkpoint_interval: int = 50
     """write runs/{run_name}/checkpoint.pt every this many iterations (and at the end)"""
@@ -266,7 +269,7 @@ def unit_interval(value):
 FLAG_RANGES = {
     **{name: (lambda v: v >= 1, "an integer >= 1") for name in (
         "num_envs", "sim_threads", "total_timesteps", "num_steps", "num_minibatches", "update_epochs",
-        "checkpoint_interval", "eval_episodes", "llc_steps")},
+        "checkpoint_interval", "eval_episodes", "llc_steps", "max_nonfinite_updates")},
     "torch_threads": (lambda v: v >= 0, "an integer >= 0 (0: torch's default)"),
     "gamma": (unit_interval, "a number in [0, 1]"), "gae_lambda": (unit_interval, "a number in [0, 1]"),
     "style_reward_weight": (unit_interval, "a number in [0, 1]"),
@@ -614,16 +617,39 @@ def ppo_loss(newlogprob, entropy, newvalue, mb: dict, args):
                   "losses/old_approx_kl": old_approx_kl, "losses/approx_kl": approx_kl, "losses/clipfrac": clipfrac}
 
 
-def ppo_update(evaluate, batch: dict, optimizer, grad_groups, args, minibatch_size: int) -> dict:
+class NonfiniteUpdatesError(RuntimeError):
+    """Too many optimiser steps in a row had a non-finite loss or gradient."""
+
+
+class NonfiniteGuard:
+    """Skips an optimiser step whose loss or gradients are not finite, leaving the parameters and the
+    optimiser state as they were; counts the skips, and raises NonfiniteUpdatesError after
+    `max_in_a_row` skips in a row (training has diverged: the last good checkpoint is kept)."""
+
+    def __init__(self, max_in_a_row: int):
+        self.max_in_a_row, self.in_a_row, self.skipped = max_in_a_row, 0, 0
+
+    def finite(self, loss, params) -> bool:
+        norms = [p.grad.norm() for p in params if p.grad is not None]
+        finite = bool(torch.isfinite(loss + torch.stack(norms).sum()))  # one host sync per minibatch
+        self.in_a_row = 0 if finite else self.in_a_row + 1
+        self.skipped += not finite
+        if self.in_a_row >= self.max_in_a_row:
+            raise NonfiniteUpdatesError(f"{self.in_a_row} optimiser steps in a row had a non-finite loss or gradient")
+        return finite
+
+
+def ppo_update(evaluate, batch: dict, optimizer, grad_groups, args, minibatch_size: int, guard=None) -> dict:
     """PPO epochs over one rollout batch (dict of flattened [B, ...] tensors: the inputs `evaluate`
     needs plus logprobs, advantages, returns, values).
 
     evaluate(mb) -> (newlogprob, entropy, newvalue, extra_losses): the policy on a minibatch, with
     extra_losses {name: (coefficient, loss)} added to the PPO loss. Gradients are clipped to
-    args.max_grad_norm per parameter group of grad_groups (None: no clipping). Returns on-device
-    scalars for logging: the last minibatch's terms, the clip fraction over all minibatches."""
+    args.max_grad_norm per parameter group of grad_groups (None: no clipping); a NonfiniteGuard skips
+    non-finite steps. Returns on-device scalars for logging: the last minibatch's terms, the clip
+    fraction over all minibatches and the number of skipped steps."""
     batch_size = batch["logprobs"].shape[0]
-    clipfracs = []
+    clipfracs, skipped_before = [], guard.skipped if guard else 0
     for epoch in range(args.update_epochs):
         b_inds = torch.randperm(batch_size, device=batch["logprobs"].device)
         for start in range(0, batch_size, minibatch_size):
@@ -638,6 +664,8 @@ def ppo_update(evaluate, batch: dict, optimizer, grad_groups, args, minibatch_si
 
             optimizer.zero_grad()
             loss.backward()
+            if guard is not None and not guard.finite(loss, [p for params in grad_groups for p in params]):
+                continue
             if args.max_grad_norm is not None:
                 for params in grad_groups:
                     nn.utils.clip_grad_norm_(params, args.max_grad_norm)
@@ -647,6 +675,8 @@ def ppo_update(evaluate, batch: dict, optimizer, grad_groups, args, minibatch_si
             break
     terms = {key: value.detach() for key, value in terms.items()}
     terms["losses/clipfrac"] = torch.stack(clipfracs).mean()
+    skipped = (guard.skipped if guard else 0) - skipped_before
+    terms["losses/nonfinite_updates"] = torch.tensor(float(skipped), device=terms["losses/clipfrac"].device)
     return terms
 
 
@@ -657,7 +687,7 @@ def explained_variance(values, returns):
 
 
 def update_policy(agent: Agent, optimizer, storage: RolloutStorage, advantages, returns, args: Args,
-                  minibatch_size: int) -> dict:
+                  minibatch_size: int, guard: Optional[NonfiniteGuard] = None) -> dict:
     """The trainer's PPO update on one rollout, then the observation normaliser update."""
     b_obs = storage.obs.reshape(-1, storage.obs.shape[-1])
     b_values, b_returns = storage.values.reshape(-1), returns.reshape(-1)
@@ -674,7 +704,7 @@ def update_policy(agent: Agent, optimizer, storage: RolloutStorage, advantages, 
         _, newlogprob, entropy, newvalue, mean = agent.get_action_and_value(mb["obs"], mb["actions"])
         return newlogprob, entropy, newvalue, {"bounds_loss": (args.bounds_loss_coef, bounds_loss(mean))}
 
-    metrics = ppo_update(evaluate, batch, optimizer, [list(agent.parameters())], args, minibatch_size)
+    metrics = ppo_update(evaluate, batch, optimizer, [list(agent.parameters())], args, minibatch_size, guard)
     metrics["losses/explained_variance"] = explained_variance(b_values, b_returns)
     if agent.normalize_obs:  # after the update, so the stored log-probs matched the normalisation in use
         agent.obs_normalizer.update(b_obs)
@@ -931,6 +961,7 @@ if __name__ == "__main__":
 
     storage = RolloutStorage.allocate(args.num_steps, env.num_envs, env.num_obs, action_size, device)
     episode_stats = EpisodeStats(env.num_envs, device)
+    guard = NonfiniteGuard(args.max_nonfinite_updates)
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     start_time = time.time()
@@ -949,7 +980,11 @@ if __name__ == "__main__":
 
         advantages, returns = compute_gae(storage.rewards, storage.values, storage.next_values, storage.dones,
                                           args.gamma, args.gae_lambda)
-        metrics = update_policy(agent, optimizer, storage, advantages, returns, args, derived.minibatch_size)
+        try:
+            metrics = update_policy(agent, optimizer, storage, advantages, returns, args, derived.minibatch_size, guard)
+        except NonfiniteUpdatesError as err:
+            fail(f"{err}: training diverged (a smaller --learning-rate may help); stopping without writing, "
+                 f"the last checkpoint {checkpoint_path} is kept")
 
         metrics["charts/mean_reward"] = storage.rewards.mean()
         if style_weight > 0.0:

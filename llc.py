@@ -130,9 +130,14 @@ class RunningMeanStd(nn.Module):
         if self.frozen_mean is not None:
             raise RuntimeError("this normaliser belongs to a frozen LLC; its statistics cannot change")
         x = x.reshape(-1, *self.running_mean.shape).double()
-        batch_count = x.shape[0]
+        # samples with a non-finite entry are left out (no host sync: weights, not indexing)
+        finite = torch.isfinite(x).reshape(x.shape[0], -1).all(-1)
+        weight = finite.double().reshape(-1, *([1] * self.running_mean.dim()))
+        x = torch.where(weight > 0, x, 0.0)
+        batch_count = weight.sum()
+        batch_mean = (x * weight).sum(0) / batch_count.clamp_min(1)
         # unbiased batch variance as rl_games computes it; a batch of one has no spread to add
-        batch_var, batch_mean = torch.var_mean(x, dim=0, correction=1 if batch_count > 1 else 0)
+        batch_var = ((x - batch_mean) ** 2 * weight).sum(0) / (batch_count - 1).clamp_min(1)
         total_count = self.count + batch_count
         delta = batch_mean - self.running_mean
         m2 = self.running_var * self.count + batch_var * batch_count + delta**2 * self.count * batch_count / total_count

@@ -29,8 +29,9 @@ import torch.nn as nn
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 
-from hrl_ppo_continuous import (FLAG_RANGES, check_ranges, check_robot_xml, compute_gae, explained_variance,
-                                flush_denormals_on_cpu, hyperparameter_table, non_negative, positive, ppo_update)
+from hrl_ppo_continuous import (FLAG_RANGES, NonfiniteGuard, NonfiniteUpdatesError, check_ranges, check_robot_xml,
+                                compute_gae, explained_variance, flush_denormals_on_cpu, hyperparameter_table,
+                                non_negative, positive, ppo_update)
 from llc import LLCCheckpointError, build_llc, load_llc, mlp, portable_command, read_checkpoint, save_llc
 from tasks import ROBOTS, load_robot, make_env
 from tasks.base import heading_angle, planar_into_heading, up_axis_z
@@ -155,6 +156,8 @@ class Args:
     """the target KL divergence threshold"""
     reward_scale: float = 1.0
     """rewards are multiplied by this before the advantage computation"""
+    max_nonfinite_updates: int = 10
+    """stop after this many optimiser steps in a row with a non-finite loss or gradient (each one is skipped)"""
 
     # Checkpoints
     checkpoint_path: Annotated[Optional[str], default_is("runs/{run_name}/llc.pt")] = None
@@ -195,7 +198,7 @@ PRETRAIN_FLAG_RANGES = {
     **{name: FLAG_RANGES[name] for name in (
         "num_envs", "sim_threads", "total_timesteps", "num_steps", "num_minibatches", "update_epochs", "torch_threads",
         "gamma", "gae_lambda", "learning_rate", "clip_coef", "max_grad_norm", "target_kl", "vf_coef", "ent_coef",
-        "init_log_std")},
+        "init_log_std", "max_nonfinite_updates")},
     **{name: (lambda v: v >= 1, "an integer >= 1") for name in ("save_interval", "eval_num_latents")},
     "max_grad_norm": (positive, "a finite number > 0"),
     "latent_dim": (lambda v: v >= 3, "an integer >= 3 (the skill mapping uses three coordinates of z)"),
@@ -546,7 +549,7 @@ def next_state_values(storage: SkillRolloutStorage, last_value):
 
 
 def update_skills(model, critic, log_std, optimizer, actor_params, storage: SkillRolloutStorage, advantages, returns,
-                  args: Args) -> dict:
+                  args: Args, guard=None) -> dict:
     """The trainer's PPO update on the LLC (actor) and the critic; actor and critic gradients are
     clipped separately, so that the value loss (unnormalised returns) cannot shrink the policy step."""
     def flat(x):
@@ -563,7 +566,7 @@ def update_skills(model, critic, log_std, optimizer, actor_params, storage: Skil
         return newlogprob, entropy, critic_value(critic, mb["norm_obs"], mb["z"], mb["command"]), {}
 
     metrics = ppo_update(evaluate, batch, optimizer, [actor_params, list(critic.parameters())], args,
-                         args.minibatch_size)
+                         args.minibatch_size, guard)
     metrics["losses/explained_variance"] = explained_variance(batch["values"], batch["returns"])
     return metrics
 
@@ -710,6 +713,7 @@ if __name__ == "__main__":
 
     storage = SkillRolloutStorage.allocate(args.num_steps, args.num_envs, llc_obs_dim, latent_dim, action_dim, device)
     stats = torch.zeros(8, device=device)  # return sum, length sum, episodes, falls, vel/yaw tracking, speed/yaw errors
+    guard = NonfiniteGuard(args.max_nonfinite_updates)
     global_step = steps_done_before
     start_time = time.time()
     obs = env.reset()["obs"]
@@ -732,7 +736,12 @@ if __name__ == "__main__":
                                       skill.command(world.z))
             advantages, returns = compute_gae(storage.rewards, storage.values, next_state_values(storage, last_value),
                                               storage.dones, args.gamma, args.gae_lambda)
-        metrics = update_skills(model, critic, log_std, optimizer, actor_params, storage, advantages, returns, args)
+        try:
+            metrics = update_skills(model, critic, log_std, optimizer, actor_params, storage, advantages, returns, args,
+                                    guard)
+        except NonfiniteUpdatesError as err:
+            raise SystemExit(f"error: {err}: training diverged (a smaller --learning-rate may help); stopping without "
+                             f"writing, the last checkpoint {checkpoint_path} is kept")
 
         elapsed = time.time() - start_time
         sps = int((global_step - steps_done_before) / elapsed)

@@ -220,10 +220,14 @@ class BatchedEnv:
 
         reward = self.task.reward(self.task_state, self._task_root())
         nonfinite = self._restart_nonfinite_worlds()
+        obs = self.compute_obs()["obs"]
+        # a finite state with a non-finite reward or observation (the task's or the robot's maths): the
+        # world ends as a failure and is reset by reset_done(); counted with the restarts
+        bad_output = ~(torch.isfinite(reward) & torch.isfinite(obs).all(-1)) & ~nonfinite
+        self.nonfinite_resets += bad_output.sum()
+        nonfinite = nonfinite | bad_output
         reward = torch.where(nonfinite, torch.zeros_like(reward), reward)
         self._update_done_flags(fell=self.robot.fallen(self.sim), nonfinite=nonfinite)
-
-        obs = self.compute_obs()["obs"]
         obs = torch.where(nonfinite[:, None], torch.nan_to_num(obs, 0.0, 0.0, 0.0), obs)
         extras = {"terminate": self.terminate_buf.clone(), "time_outs": self.time_outs_buf.clone(),
                   "nonfinite": nonfinite}

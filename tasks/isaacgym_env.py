@@ -39,6 +39,7 @@ class IsaacGymEnv:
         self._terminate = torch.zeros_like(self._done)
         self._time_outs = torch.zeros_like(self._done)
         self._obs_dict = None
+        self.nonfinite_resets = torch.zeros((), dtype=torch.int64, device=self.device)
 
     def get_task_obs_size(self) -> int:
         get_size = getattr(self.vec_task, "get_task_obs_size", None)  # ASE tasks have it
@@ -59,18 +60,32 @@ class IsaacGymEnv:
 
     def step(self, actions):
         obs, reward, reset_buf, extras = self.vec_task.step(actions)
-        finished = reset_buf.to(torch.bool)
+        obs_dict = as_obs_dict(obs)
+        nonfinite = ~(torch.isfinite(reward) & torch.isfinite(obs_dict["obs"]).all(-1))
+        finished = reset_buf.to(torch.bool) | nonfinite
         if "terminate" in extras:  # ASE reports failures itself
-            failed = extras["terminate"].to(torch.bool)
+            failed = extras["terminate"].to(torch.bool) | nonfinite
         else:
-            failed = finished & ~extras.get("time_outs", torch.zeros_like(finished)).to(torch.bool)
+            failed = finished & ~(extras.get("time_outs", torch.zeros_like(finished)).to(torch.bool) & ~nonfinite)
+        reward, obs_dict = self._drop_nonfinite(nonfinite, reward, obs_dict)
         newly_finished = finished & ~self._done
         self._terminate |= newly_finished & failed
         self._time_outs |= newly_finished & ~failed
         self._done |= finished
-        self._obs_dict = as_obs_dict(obs)
-        extras = dict(extras, terminate=self._terminate.clone(), time_outs=self._time_outs.clone())
+        self._obs_dict = obs_dict
+        extras = dict(extras, terminate=self._terminate.clone(), time_outs=self._time_outs.clone(), nonfinite=nonfinite)
         return self._obs_dict, reward, self._done.clone(), extras
+
+    def _drop_nonfinite(self, nonfinite, reward, obs_dict):
+        """Envs with a non-finite reward or observation: counted, reward and observation zeroed, reported
+        as failed, and reset (IsaacGymEnvs tasks through their reset_buf at their next step, ASE tasks by
+        reset_done)."""
+        self.nonfinite_resets += nonfinite.sum()
+        if hasattr(self.vec_task, "reset_buf"):
+            self.vec_task.reset_buf |= nonfinite.to(self.vec_task.reset_buf.dtype)
+        reward = torch.where(nonfinite, torch.zeros_like(reward), reward)
+        obs = torch.where(nonfinite[:, None], torch.nan_to_num(obs_dict["obs"], 0.0, 0.0, 0.0), obs_dict["obs"])
+        return reward, dict(obs_dict, obs=obs)
 
     def reset_done(self):
         if self.resets_by_env_ids:

@@ -482,3 +482,67 @@ def test_subnormals_are_flushed_on_cpu_only():
         torch.set_flush_denormal(False)
     assert (subnormal * 1.0).item() != 0.0
     assert not flush_denormals_on_cpu(torch.device("meta"))
+
+
+# ------------------------------------------------------------------ numerical faults
+def tiny_update_batch(agent, n=8, bad_advantage=False):
+    generator = torch.Generator().manual_seed(0)
+    obs = torch.randn(n, 5, generator=generator)
+    with torch.no_grad():
+        actions, logprobs, _, values, _ = agent.get_action_and_value(obs)
+    advantages = torch.randn(n, generator=generator)
+    if bad_advantage:
+        advantages[3] = float("nan")
+    storage = hrl.RolloutStorage(obs[None], actions[None], logprobs[None], torch.zeros(1, n), torch.zeros(1, n),
+                                 values[None], torch.zeros(1, n), torch.zeros(1, n))
+    return storage, advantages[None], (values + advantages)[None]
+
+
+def test_a_non_finite_loss_skips_the_step_and_leaves_parameters_and_adam_state_untouched():
+    torch.manual_seed(0)
+    agent = hrl.Agent(5, 3, hidden_sizes=(8,), normalize_value=False)
+    args = hrl.Args(update_epochs=1, num_minibatches=2)
+    optimizer = hrl.make_optimizer(agent, args)
+    hrl.update_policy(agent, optimizer, *tiny_update_batch(agent), args, minibatch_size=4)  # Adam has state now
+    guard = hrl.NonfiniteGuard(max_in_a_row=10)
+    # one minibatch holds the NaN advantage (advantages are normalised per minibatch): exactly one step is skipped
+    metrics = hrl.update_policy(agent, optimizer, *tiny_update_batch(agent, bad_advantage=True), args, 4, guard)
+    assert guard.skipped == 1 and metrics["losses/nonfinite_updates"].item() == 1.0
+    assert all(torch.isfinite(p).all() for p in agent.parameters())
+    # all steps skipped: nothing changes
+    args_all_bad = hrl.Args(update_epochs=1, num_minibatches=1)
+    params_before = {k: v.clone() for k, v in agent.state_dict().items() if "normalizer" not in k}
+    adam_before = [{k: v.clone() for k, v in state.items()} for state in optimizer.state.values()]
+    hrl.update_policy(agent, optimizer, *tiny_update_batch(agent, bad_advantage=True), args_all_bad, 8, guard)
+    for key, value in params_before.items():
+        assert torch.equal(agent.state_dict()[key], value), key
+    for state, before in zip(optimizer.state.values(), adam_before):
+        assert all(torch.equal(state[k], v) for k, v in before.items())
+
+
+def test_too_many_non_finite_steps_in_a_row_stop_training():
+    agent = hrl.Agent(5, 3, hidden_sizes=(8,), normalize_value=False)
+    args = hrl.Args(update_epochs=3, num_minibatches=1)
+    guard = hrl.NonfiniteGuard(max_in_a_row=3)
+    with pytest.raises(hrl.NonfiniteUpdatesError, match="3 optimiser steps in a row"):
+        hrl.update_policy(agent, hrl.make_optimizer(agent, args), *tiny_update_batch(agent, bad_advantage=True), args,
+                          8, guard)
+
+
+def test_isaacgym_adapter_fails_and_resets_envs_with_non_finite_rewards_or_observations():
+    class NaNTask(ScriptedASETask):
+        def step(self, actions):
+            obs = torch.ones(3, 4)
+            obs[2, 1] = float("inf")
+            return obs, torch.tensor([1.0, float("nan"), 1.0]), torch.tensor([0, 0, 0]), {
+                "terminate": torch.tensor([False, False, False])}
+
+    task = NaNTask()
+    env = IsaacGymEnv(task)
+    env.reset()
+    obs_dict, reward, done, extras = env.step(torch.zeros(3, 2))
+    assert reward.tolist() == [1.0, 0.0, 0.0] and torch.isfinite(obs_dict["obs"]).all()
+    assert done.tolist() == [False, True, True] and extras["terminate"].tolist() == [False, True, True]
+    assert int(env.nonfinite_resets) == 2
+    env.reset_done()
+    assert task.reset_calls == [None, [1, 2]]

@@ -547,3 +547,16 @@ def test_cli_prints_dims(tmp_path):
     for line in ("format:        native", "obs_dim:       12", "architecture:  mlp", "robot: ant", "seed: 3",
                  "discriminator: no"):
         assert line in native_part, line
+
+
+def test_normalizer_leaves_out_non_finite_samples():
+    data = torch.randn(20, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    clean, dirty = RunningMeanStd(3), RunningMeanStd(3)
+    clean.update(data[4:])
+    data[0, 1], data[1, 0], data[2, 2], data[3, 0] = float("nan"), float("inf"), -float("inf"), float("nan")
+    dirty.update(data)
+    for name in ("running_mean", "running_var", "count"):
+        torch.testing.assert_close(getattr(dirty, name), getattr(clean, name), atol=1e-12, rtol=0)
+    nothing = RunningMeanStd(())
+    nothing.update(torch.tensor([float("nan")]))  # an all-bad batch changes nothing
+    assert float(nothing.count) == 1.0 and float(nothing.running_mean) == 0.0 and float(nothing.running_var) == 1.0

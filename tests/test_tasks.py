@@ -213,6 +213,28 @@ def test_nonfinite_world_is_reset_and_reported(make_test_env, backend):
     assert not env.done_buf.any()
 
 
+
+def test_a_non_finite_task_reward_fails_the_world_and_is_counted(make_test_env, monkeypatch):
+    env = make_test_env("ant", "heading", tag="nan-reward")
+    env.reset()
+    before = int(env.nonfinite_resets)
+    task_reward = env.task.reward
+
+    def nan_for_world_1(state, root):
+        reward = task_reward(state, root).clone()
+        reward[1] = float("nan")
+        return reward
+
+    monkeypatch.setattr(env.task, "reward", nan_for_world_1)
+    _, reward, done, extras = env.step(torch.zeros(4, 8))
+    assert torch.isfinite(reward).all() and reward[1] == 0.0
+    assert done[1] and extras["terminate"][1] and extras["nonfinite"].tolist() == [False, True, False, False]
+    assert int(env.nonfinite_resets) == before + 1
+    monkeypatch.undo()
+    env.reset_done()
+    assert not env.done_buf.any()
+
+
 # ---------------------------------------------------------------- task rewards on hand-set states
 def _root(pos, prev_pos, yaw, control_dt=0.1):
     yaw = torch.as_tensor(yaw, dtype=torch.float32)
