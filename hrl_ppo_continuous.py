@@ -5,9 +5,20 @@
 # The semantics follow NVIDIA's ASE (ase/learning/hrl_agent.py); see README.md.
 #
 # Reading order: Args -> environment construction -> THE HIERARCHICAL STEP (k inner steps and
-# reward aggregation) -> networks -> PPO (GAE, loss) -> logging/checkpoints/evaluation -> main.
+# reward aggregation) -> networks -> rollout -> PPO (GAE, loss, update) -> checkpoints ->
+# evaluation/video/logging -> main.
 import os
+import signal
 import sys
+
+
+def interrupted_at_start(signum, frame):
+    print("\ninterrupted during start-up: nothing was written", file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)
+
+
+if __name__ == "__main__":  # Ctrl-C while torch and the simulator load: a message, not an import traceback
+    signal.signal(signal.SIGINT, interrupted_at_start)
 
 
 def requested_backend(argv: list) -> str:
@@ -37,7 +48,6 @@ if __name__ == "__main__" and requested_backend(sys.argv[1:]) == "isaacgym":
 
 import math
 import random
-import signal
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal, NamedTuple, Optional, Tuple
@@ -879,16 +889,39 @@ def hyperparameter_table(args: Args) -> str:
 # ---------------------------------------------------------------------------------------------
 # Main: set-up, then per iteration: rollout, advantages, update, logging, checkpoint
 # ---------------------------------------------------------------------------------------------
-stop_requested = False
+class StopRequest:
+    """Ctrl-C / SIGTERM: finish the current iteration, write a checkpoint, and exit with 128 + the
+    signal's number (130, 143), so that a scheduler tells a stopped run from a finished one (0).
+    A second Ctrl-C stops at once, without a new checkpoint: the last one stays intact (writes are
+    atomic)."""
+
+    def __init__(self, checkpoint_path: str):
+        self.checkpoint_path, self.signum = checkpoint_path, None
+        signal.signal(signal.SIGINT, self.handle)
+        signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            print(f"\nsecond interrupt: stopping now without a new checkpoint; {self.checkpoint_path} is intact",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(128 + signum)
+        self.signum = signum
+        print(f"\nsignal {signum}: stopping after this iteration and writing a checkpoint", flush=True)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.signum is None else 128 + self.signum
 
 
-def request_stop(signum, frame):
-    """Ctrl-C / SIGTERM: finish the current iteration, write a checkpoint, exit. A second Ctrl-C aborts."""
-    global stop_requested
-    if stop_requested and signum == signal.SIGINT:
-        raise KeyboardInterrupt
-    stop_requested = True
-    print(f"\nsignal {signum}: stopping after this iteration and writing a checkpoint", flush=True)
+def remove_stale_temp_file(path: str):
+    """A run killed while writing leaves `path`.tmp behind: the checkpoint itself is the previous one."""
+    if os.path.exists(f"{path}.tmp"):
+        os.remove(f"{path}.tmp")
+        print(f"note: removed {path}.tmp, left by a run stopped while writing ({path} is the last complete one)")
 
 
 if __name__ == "__main__":
@@ -935,6 +968,7 @@ if __name__ == "__main__":
     run_dir = os.path.join("runs", run_name)
     os.makedirs(run_dir, exist_ok=True)
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+    remove_stale_temp_file(checkpoint_path)
 
     # logging: the flags with their defaults resolved, so a resumed run has the same schedule
     run_flags = resolved_flags(args, derived, style_weight)
@@ -947,7 +981,8 @@ if __name__ == "__main__":
                          config=vars(run_flags), name=run_name, save_code=True, id=wandb_run_id,
                          resume="allow" if wandb_run_id else None)
         wandb_run_id = run.id
-    writer = SummaryWriter(run_dir)
+    # on resume, TensorBoard drops what a killed run logged after its last checkpoint (no duplicate steps)
+    writer = SummaryWriter(run_dir, purge_step=global_step + 1 if resume_checkpoint is not None else None)
     if resume_checkpoint is None:
         writer.add_text("hyperparameters", hyperparameter_table(run_flags))
     print(f"{run_name}: {env.num_envs} envs on {device}, simulator {env.describe_backend()}, k = {derived.llc_steps}, "
@@ -962,8 +997,7 @@ if __name__ == "__main__":
     storage = RolloutStorage.allocate(args.num_steps, env.num_envs, env.num_obs, action_size, device)
     episode_stats = EpisodeStats(env.num_envs, device)
     guard = NonfiniteGuard(args.max_nonfinite_updates)
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    stop = StopRequest(checkpoint_path)
     start_time = time.time()
     start_global_step = global_step
     next_obs = env.reset()["obs"]
@@ -1001,9 +1035,9 @@ if __name__ == "__main__":
         print(progress_line(iteration, derived.num_iterations, iteration - start_iteration + 1, global_step, sps, elapsed,
                             logged["charts/mean_reward"], mean_return), flush=True)
 
-        if iteration % args.checkpoint_interval == 0 or iteration == derived.num_iterations or stop_requested:
+        if iteration % args.checkpoint_interval == 0 or iteration == derived.num_iterations or stop.requested:
             save_checkpoint(checkpoint_path, agent, optimizer, run_flags, run_name, global_step, iteration, wandb_run_id)
-        if stop_requested:
+        if stop.requested:
             print(f"stopped: checkpoint {checkpoint_path} (resume with --resume {checkpoint_path})")
             break
 
@@ -1014,8 +1048,9 @@ if __name__ == "__main__":
         model_path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
         torch.save(agent.state_dict(), model_path)
         print(f"model saved to {model_path}")
-    if args.capture_video and not stop_requested:
+    if args.capture_video and not stop.requested:
         record_video(env, llc, agent, derived, task_obs_size, style_weight, os.path.join("videos", run_name, "final.mp4"))
     writer.close()
     if args.track:
         wandb.finish()
+    sys.exit(stop.exit_code)

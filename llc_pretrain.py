@@ -18,9 +18,20 @@ import math
 import os
 import platform
 import random
+import signal
 import sys
 import time
-from dataclasses import dataclass
+
+
+
+def interrupted_at_start(signum, frame):
+    print("\ninterrupted during start-up: nothing was written", file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)
+
+
+if __name__ == "__main__":  # Ctrl-C while torch and the simulator load: a message, not an import traceback
+    signal.signal(signal.SIGINT, interrupted_at_start)
+from dataclasses import asdict, dataclass, fields
 from typing import Annotated, Literal, NamedTuple, Optional, Tuple
 
 import numpy as np
@@ -29,9 +40,10 @@ import torch.nn as nn
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 
-from hrl_ppo_continuous import (FLAG_RANGES, NonfiniteGuard, NonfiniteUpdatesError, check_ranges, check_robot_xml,
-                                compute_gae, explained_variance, flush_denormals_on_cpu, hyperparameter_table,
-                                non_negative, positive, ppo_update)
+from hrl_ppo_continuous import (FLAG_RANGES, NonfiniteGuard, NonfiniteUpdatesError, StopRequest, check_ranges,
+                                check_robot_xml, compute_gae, explained_variance, flush_denormals_on_cpu,
+                                hyperparameter_table, non_negative, positive, ppo_update, remove_stale_temp_file,
+                                rng_states, set_rng_states)
 from llc import LLCCheckpointError, build_llc, load_llc, mlp, portable_command, read_checkpoint, save_llc
 from tasks import ROBOTS, load_robot, make_env
 from tasks.base import heading_angle, planar_into_heading, up_axis_z
@@ -165,7 +177,9 @@ class Args:
     save_interval: int = 20
     """write the checkpoint every this many iterations (and at the end)"""
     init_from: Optional[str] = None
-    """continue from this training state (the `.train.pt` file written next to a checkpoint)"""
+    """start a new run from this training state (the `.train.pt` file written next to a checkpoint)"""
+    resume: Optional[str] = None
+    """continue this run from its training state (`.train.pt`): same flags, run folder, checkpoint and schedule"""
 
     # Skill evaluation
     evaluate: Optional[str] = None
@@ -593,22 +607,48 @@ def log_iteration(writer, metrics: dict, stats, log_std, optimizer, global_step:
             "yaw_rate_error": yaw_rate_error, "action_std": action_std}
 
 
-def read_train_state(path: str, skill_settings: dict) -> dict:
-    """The training state to continue from (--init-from), checked before anything is built: a
-    readable torch file, trained with the same skill settings (the latents must mean the same)."""
+TRAIN_STATE_KEYS = ("model", "critic", "log_std", "optimizer", "global_step", "wall_time_s")
+RESUME_KEYS = ("args", "run_name", "iteration", "checkpoint_path", "rng", "latent_rng")
+
+
+def read_train_state(path: str, flag: str, skill_settings: Optional[dict] = None) -> dict:
+    """The training state to continue from (--init-from or --resume), checked before anything is
+    built: a readable torch file with the training entries, trained with the same skill settings
+    (the latents must mean the same)."""
+    if os.path.isdir(path):
+        raise SystemExit(f"error: {flag} {path} is a directory; expected the .train.pt file written next to a checkpoint")
     try:
         state = read_checkpoint(path)
     except LLCCheckpointError as err:
-        raise SystemExit(f"error: --init-from {err}")
-    if state.get("skill_settings", skill_settings) != skill_settings:
-        raise SystemExit(f"error: --init-from {path} was trained with skill settings {state['skill_settings']}, "
-                         f"this run has {skill_settings}: pass the same --latent-dim/--skill-seed/--max-speed/--max-yaw-rate")
+        raise SystemExit(f"error: {flag} {err}")
+    if not isinstance(state, dict):
+        raise SystemExit(f"error: {flag} {path} is not a training state of llc_pretrain.py (not a dict)")
+    if skill_settings is not None and state.get("skill_settings", skill_settings) != skill_settings:
+        raise SystemExit(f"error: {flag} {path} was trained with skill settings {state['skill_settings']}, this run "
+                         f"has {skill_settings}: pass the same --latent-dim/--skill-seed/--max-speed/--max-yaw-rate")
+    missing = [key for key in TRAIN_STATE_KEYS + (RESUME_KEYS if flag == "--resume" else ()) if key not in state]
+    if missing:
+        raise SystemExit(f"error: {flag} {path} is not a training state of llc_pretrain.py (missing {missing})"
+                         + ("; a state from an older version continues with --init-from" if flag == "--resume" else ""))
     return state
 
 
-if __name__ == "__main__":
+def parse_args() -> Args:
+    """tyro flags; with --resume the saved flags become the defaults, so only flags given now override them."""
     args = tyro.cli(Args)
+    if args.resume is not None:
+        if args.init_from is not None:
+            raise SystemExit("error: --resume and --init-from exclude each other (continue this run, or start a new one)")
+        saved = read_train_state(args.resume, "--resume")["args"]
+        known = {f.name for f in fields(Args)}
+        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in known}
+        args = tyro.cli(Args, default=Args(**{**saved, "resume": args.resume}))
     check_ranges(args, PRETRAIN_FLAG_RANGES)
+    return args
+
+
+if __name__ == "__main__":
+    args = parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
@@ -632,23 +672,30 @@ if __name__ == "__main__":
                          "1 <= min < max")
     skill_settings = {"latent_dim": latent_dim, "skill_seed": args.skill_seed, "max_speed": max_speed,
                       "max_yaw_rate": args.max_yaw_rate}
-    init_state = read_train_state(args.init_from, skill_settings) if args.init_from is not None else None
+    continue_from, flag = (args.resume, "--resume") if args.resume is not None else (args.init_from, "--init-from")
+    init_state = read_train_state(continue_from, flag, skill_settings) if continue_from is not None else None
     args.batch_size = int(args.num_envs * args.num_steps)
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
     if args.batch_size % args.num_minibatches or args.minibatch_size < 2:
         raise SystemExit(f"error: --num-envs x --num-steps = {args.batch_size} must split into --num-minibatches "
                          f"{args.num_minibatches} equal minibatches of at least 2 transitions")
     args.num_iterations = max(1, args.total_timesteps // args.batch_size)
-    run_name = f"{args.robot}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    checkpoint_path = args.checkpoint_path or f"runs/{run_name}/llc.pt"
+    resuming = args.resume is not None
+    run_name = init_state["run_name"] if resuming else f"{args.robot}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    checkpoint_path = init_state["checkpoint_path"] if resuming else args.checkpoint_path or f"runs/{run_name}/llc.pt"
     train_state_path = os.path.splitext(checkpoint_path)[0] + ".train.pt"
+    for path in (checkpoint_path, train_state_path):
+        remove_stale_temp_file(path)
     if args.track:
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text("hyperparameters", hyperparameter_table(args))
+                   config=vars(args), name=run_name, save_code=True, id=init_state.get("wandb_run_id") if resuming else None,
+                   resume="allow" if resuming else None)
+    # on resume, TensorBoard drops what a stopped run logged after its last checkpoint (no duplicate steps)
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=int(init_state["global_step"]) + 1 if resuming else None)
+    if not resuming:
+        writer.add_text("hyperparameters", hyperparameter_table(args))
 
     # seeding
     random.seed(args.seed)
@@ -697,10 +744,10 @@ if __name__ == "__main__":
                        "vel_cmd_heading = speed * c[:2] / |c[:2]|; yaw_rate_cmd = max_yaw_rate * erf(c[2] * sqrt(D/2))",
         },
         "latent_hold_steps": [args.latent_hold_min, args.latent_hold_max],
-        "continued_from": args.init_from, "hardware": hardware_description(device),
+        "continued_from": continue_from, "hardware": hardware_description(device),
     }
 
-    def save_checkpoint(global_step: int, wall_time_s: float):
+    def save_checkpoint(global_step: int, iteration: int, wall_time_s: float):
         os.makedirs(os.path.dirname(os.path.abspath(checkpoint_path)), exist_ok=True)
         wall_time_s = wall_time_before + wall_time_s  # includes the runs this one continues
         save_llc(checkpoint_path, model, {**metadata, "total_timesteps": global_step, "wall_time_s": round(wall_time_s, 1)})
@@ -708,7 +755,9 @@ if __name__ == "__main__":
         tmp_path = train_state_path + ".tmp"
         torch.save({"model": model.state_dict(), "critic": critic.state_dict(), "log_std": log_std.detach(),
                     "optimizer": optimizer.state_dict(), "global_step": global_step, "wall_time_s": wall_time_s,
-                    "skill_settings": skill_settings}, tmp_path)
+                    "skill_settings": skill_settings, "args": asdict(args), "run_name": run_name, "iteration": iteration,
+                    "checkpoint_path": checkpoint_path, "rng": rng_states(), "latent_rng": latent_generator.get_state(),
+                    "wandb_run_id": wandb.run.id if args.track else None}, tmp_path)
         os.replace(tmp_path, train_state_path)
 
     storage = SkillRolloutStorage.allocate(args.num_steps, args.num_envs, llc_obs_dim, latent_dim, action_dim, device)
@@ -723,7 +772,14 @@ if __name__ == "__main__":
                        torch.zeros(args.num_envs, action_dim, device=device),
                        torch.zeros(args.num_envs, device=device), torch.zeros(args.num_envs, device=device))
 
-    for iteration in range(1, args.num_iterations + 1):
+    start_iteration = init_state["iteration"] + 1 if resuming else 1
+    if resuming:  # the random streams continue; the worlds restart from a reset (their state is not saved)
+        set_rng_states(init_state["rng"])
+        latent_generator.set_state(init_state["latent_rng"])
+        print(f"resumed {run_name} at control step {global_step} (iteration {start_iteration - 1})")
+    stop = StopRequest(train_state_path)
+    iteration = start_iteration - 1
+    for iteration in range(start_iteration, args.num_iterations + 1):
         if args.anneal_lr:
             frac = 1.0 - (iteration - 1.0) / args.num_iterations
             optimizer.param_groups[0]["lr"] = frac * args.learning_rate
@@ -746,14 +802,18 @@ if __name__ == "__main__":
         elapsed = time.time() - start_time
         sps = int((global_step - steps_done_before) / elapsed)
         shown = log_iteration(writer, metrics, stats, log_std, optimizer, global_step, sps, args)
-        eta_s = elapsed / iteration * (args.num_iterations - iteration)
+        eta_s = elapsed / (iteration - start_iteration + 1) * (args.num_iterations - iteration)
         print(f"iter {iteration}/{args.num_iterations} step {global_step} SPS {sps} | {shown['episodes']} "
               f"falls {shown['falls']} | vel_track {shown['vel_tracking']:.3f} speed_err {shown['speed_error']:.3f} m/s "
               f"yaw_err {shown['yaw_rate_error']:.3f} rad/s | std {shown['action_std']:.3f} | "
               f"ETA {int(eta_s // 60)}m{int(eta_s % 60):02d}s", flush=True)
 
-        if iteration % args.save_interval == 0 or iteration == args.num_iterations:
-            save_checkpoint(global_step, time.time() - start_time)
+        if iteration % args.save_interval == 0 or iteration == args.num_iterations or stop.requested:
+            save_checkpoint(global_step, iteration, time.time() - start_time)
+        if stop.requested:
+            print(f"stopped: {checkpoint_path} (resume with --resume {train_state_path})")
+            break
 
     print(f"wrote {checkpoint_path} ({global_step} control steps, {time.time() - start_time:.0f} s)")
     writer.close()
+    sys.exit(stop.exit_code)

@@ -244,3 +244,39 @@ def test_out_of_range_flags_are_refused_with_the_value_and_what_is_allowed(flags
     with pytest.raises(SystemExit, match=message):
         lp.check_ranges(lp.Args(**flags), lp.PRETRAIN_FLAG_RANGES)
     lp.check_ranges(lp.Args(), lp.PRETRAIN_FLAG_RANGES)  # the defaults pass
+
+
+TINY_PRETRAIN = ["--robot", "ant", "--seed", "5", "--num-envs", "2", "--num-steps", "8", "--num-minibatches", "2",
+                 "--update-epochs", "1", "--llc-hidden", "16", "--llc-style-hidden", "8", "--llc-style-dim", "4",
+                 "--critic-hidden", "16", "--save-interval", "1"]
+
+
+def logged_steps(run_dir, tag="charts/SPS"):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return [event.step for event in events.Scalars(tag)]
+
+
+def test_resume_continues_the_same_run_and_its_schedule(tmp_path):
+    checkpoint = tmp_path / "llc.pt"
+    run_script(*TINY_PRETRAIN, "--total-timesteps", "32", "--checkpoint-path", str(checkpoint), cwd=tmp_path)
+    state_path = tmp_path / "llc.train.pt"
+    state = torch.load(str(state_path), weights_only=True)
+    assert state["iteration"] == 2 and state["global_step"] == 32
+    (tmp_path / "llc.train.pt.tmp").write_bytes(b"partial")  # as a run killed while writing leaves it
+    out = run_script("--resume", str(state_path), "--total-timesteps", "64", cwd=tmp_path)
+    assert "resumed" in out and "iter 4/4" in out and "iter 1/" not in out and "removed" in out
+    assert not (tmp_path / "llc.train.pt.tmp").exists()
+    assert load_llc(str(checkpoint)).metadata["total_timesteps"] == 64
+    (run_dir,) = (tmp_path / "runs").iterdir()  # the same run folder
+    assert logged_steps(run_dir) == [16, 32, 48, 64]
+
+
+def test_resume_refuses_what_is_not_a_training_state(tmp_path):
+    torch.save({"model": {}}, str(tmp_path / "other.pt"))
+    for path, message in ((tmp_path, "is a directory"), (tmp_path / "other.pt", "is not a training state")):
+        command = [sys.executable, os.path.join(ROOT, "llc_pretrain.py"), "--resume", str(path)]
+        result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
