@@ -543,6 +543,13 @@ class EpisodeStats:
         self.finished.zero_()
         return finished
 
+    def state_dict(self) -> dict:
+        return {name: getattr(self, name).clone() for name in ("running_return", "running_length", "finished")}
+
+    def load_state_dict(self, state: dict):
+        for name, value in state.items():
+            getattr(self, name).copy_(value)
+
 
 def bootstrap_value(agent, step: HighLevelStep) -> torch.Tensor:
     """V(s') * (1 - terminate): timeouts bootstrap from the true last state, failures do not."""
@@ -744,13 +751,21 @@ def set_rng_states(states: dict):
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def rollout_state(env, next_obs, episode_stats: EpisodeStats) -> dict:
+    """Where the rollout stands: the env's own state (tasks/ envs; Isaac Gym tasks have none to give),
+    the observation the next rollout starts from, and the episodes in progress."""
+    return {"env": env.state_dict() if hasattr(env, "state_dict") else None, "next_obs": next_obs.clone(),
+            "episode_stats": episode_stats.state_dict()}
+
+
 def save_checkpoint(path: str, agent, optimizer, args: Args, run_name: str, global_step: int, iteration: int,
-                    wandb_run_id=None):
+                    wandb_run_id=None, rollout=None):
     """Atomic write (temp file, then os.replace) of everything needed to resume; plain tensors and
     plain Python values only, so torch.load(path, weights_only=True) reads it."""
     checkpoint = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "agent": agent.state_dict(),
                   "optimizer": optimizer.state_dict(), "args": asdict(args), "run_name": run_name,
-                  "global_step": global_step, "iteration": iteration, "rng": rng_states(), "wandb_run_id": wandb_run_id}
+                  "global_step": global_step, "iteration": iteration, "rng": rng_states(), "wandb_run_id": wandb_run_id,
+                  "rollout": rollout}
     tmp_path = f"{path}.tmp"
     torch.save(checkpoint, tmp_path)
     os.replace(tmp_path, path)
@@ -1000,7 +1015,13 @@ if __name__ == "__main__":
     stop = StopRequest(checkpoint_path)
     start_time = time.time()
     start_global_step = global_step
-    next_obs = env.reset()["obs"]
+    saved_rollout = resume_checkpoint.get("rollout") if resume_checkpoint is not None else None
+    if saved_rollout is not None and saved_rollout["env"] is not None:  # continue the same episodes
+        env.load_state_dict(saved_rollout["env"])
+        episode_stats.load_state_dict(saved_rollout["episode_stats"])
+        next_obs = saved_rollout["next_obs"].to(device)
+    else:
+        next_obs = env.reset()["obs"]
     iteration = start_iteration - 1
     for iteration in range(start_iteration, derived.num_iterations + 1):
         if args.anneal_lr:
@@ -1036,7 +1057,8 @@ if __name__ == "__main__":
                             logged["charts/mean_reward"], mean_return), flush=True)
 
         if iteration % args.checkpoint_interval == 0 or iteration == derived.num_iterations or stop.requested:
-            save_checkpoint(checkpoint_path, agent, optimizer, run_flags, run_name, global_step, iteration, wandb_run_id)
+            save_checkpoint(checkpoint_path, agent, optimizer, run_flags, run_name, global_step, iteration, wandb_run_id,
+                            rollout_state(env, next_obs, episode_stats))
         if stop.requested:
             print(f"stopped: checkpoint {checkpoint_path} (resume with --resume {checkpoint_path})")
             break

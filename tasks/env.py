@@ -127,6 +127,29 @@ class BatchedEnv:
         self.task_state = self.task.make_state(n, dev, self.task_params, self.control_dt)
         self.amp_history = make_amp_history(n, dev) if self.has_amp_obs else None
 
+    RESUME_BUFFERS = ("progress", "done_buf", "terminate_buf", "time_outs_buf", "prev_root_pos", "initial_qpos",
+                      "initial_qvel", "nonfinite_resets")
+
+    def state_dict(self):
+        """Everything that decides how the worlds go on: physics, episode buffers, the task's targets
+        and timers, the AMP history and the generator. A checkpoint of it lets a resumed run continue
+        the same episodes (exactly on the `mujoco` backend)."""
+        return {"physics": self.physics.state_dict(), "generator": self.generator.get_state(),
+                "buffers": {name: getattr(self, name).clone() for name in self.RESUME_BUFFERS},
+                "task_state": {k: v.clone() for k, v in self.task_state.items() if torch.is_tensor(v)},
+                "amp_history": None if self.amp_history is None else self.amp_history.clone()}
+
+    def load_state_dict(self, state):
+        """Restore state_dict() of an env built with the same robot, task, worlds and backend."""
+        self.physics.load_state_dict(state["physics"])
+        self.generator.set_state(state["generator"])
+        for name in self.RESUME_BUFFERS:
+            getattr(self, name).copy_(state["buffers"][name])
+        for key, value in state["task_state"].items():
+            self.task_state[key].copy_(value)
+        if self.amp_history is not None:
+            self.amp_history.copy_(state["amp_history"])
+
     # ------------------------------------------------------------ physics
     def physics_step(self):
         """Advance all worlds by one control step (decimation physics steps)."""

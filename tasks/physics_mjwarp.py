@@ -119,6 +119,16 @@ class MjwarpPhysics:
             world_mask = mask.view(-1, *([1] * (view.dim() - 1)))
             view.copy_(torch.where(world_mask, view, before))
 
+    RESUME_VIEWS = ("qpos", "qvel", "ctrl", "qacc", "qacc_warmstart", "time", "xpos", "xquat", "cvel")
+
+    def state_dict(self):
+        """The state the next step reads (contacts and constraints are rebuilt from it every step)."""
+        return {name: getattr(self.views, name).clone() for name in self.RESUME_VIEWS}
+
+    def load_state_dict(self, state):
+        for name in self.RESUME_VIEWS:
+            getattr(self.views, name).copy_(state[name])
+
     def clear_dynamics(self, mask):
         """Zero accelerations and the solver's warm start of the masked worlds, so that a reset
         world's trajectory depends only on its qpos / qvel."""

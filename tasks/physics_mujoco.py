@@ -200,6 +200,17 @@ class MujocoPhysics:
                           nstep=1, state=np.empty((count, 1, self.state.shape[1])), sensordata=sensordata)
         self._publish_bodies(sensordata[:, 0], worlds)
 
+    RESUME_ARRAYS = ("state", "warmstart", "state32", "state32_published", "ctrl32", "xpos32", "xquat32", "cvel32")
+
+    def state_dict(self):
+        """Every array the next step reads (float64 state and warm start, the float32 views), as tensors:
+        restored with load_state_dict, the worlds continue exactly as they would have."""
+        return {name: torch.from_numpy(getattr(self, name).copy()) for name in self.RESUME_ARRAYS}
+
+    def load_state_dict(self, state):
+        for name in self.RESUME_ARRAYS:
+            np.copyto(getattr(self, name), state[name].numpy())
+
     def clear_dynamics(self, mask):
         """Zero the solver's warm start of the masked worlds, so that a reset world's trajectory
         depends only on its qpos / qvel."""

@@ -101,3 +101,45 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     if process.returncode == 0:
         pytest.skip("the run finished before the signal arrived")
     assert process.returncode == 128 + signal.SIGINT and "Traceback" not in stderr, stderr[-2000:]
+
+
+def scalars(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    timing = ("charts/SPS", "charts/high_level_SPS", "charts/rollout_SPS")
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"] if tag not in timing}
+
+
+@pytest.mark.parametrize("llc", ["none", "default"])
+def test_half_the_iterations_then_resume_equals_all_at_once(tmp_path, llc):
+    """On the CPU with the C MuJoCo backend: 6 iterations straight and 3 + --resume + 3 give the same
+    parameters, optimiser state, global step and logged scalars (the env's state is in the checkpoint)."""
+    flags = ["--no-cuda", "--env-backend", "mujoco", "--sim-threads", "1", "--seed", "3", "--num-envs", "8",
+             "--num-steps", "16", "--num-minibatches", "4", "--update-epochs", "2", "--hidden-sizes", "64", "64",
+             "--checkpoint-interval", "3", "--torch-threads", "1"]
+    flags += ["--llc-checkpoint", "none"] if llc == "none" else ["--llc-steps", "2"]
+    steps_per_iteration = 8 * 16 * (1 if llc == "none" else 2)
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    for folder in (straight, halves):
+        folder.mkdir()
+    subprocess.run([sys.executable, SCRIPT, *flags, "--total-timesteps", str(6 * steps_per_iteration)], cwd=straight,
+                   env=ENV, check=True, capture_output=True)
+    subprocess.run([sys.executable, SCRIPT, *flags, "--total-timesteps", str(3 * steps_per_iteration)], cwd=halves,
+                   env=ENV, check=True, capture_output=True)
+    half_checkpoint = checkpoint_path(halves)
+    subprocess.run([sys.executable, SCRIPT, "--resume", half_checkpoint, "--total-timesteps",
+                    str(6 * steps_per_iteration)], cwd=halves, env=ENV, check=True, capture_output=True)
+    a, b = hrl.load_checkpoint(checkpoint_path(straight)), hrl.load_checkpoint(half_checkpoint)
+    assert a["global_step"] == b["global_step"] == 6 * steps_per_iteration
+    for key, value in a["agent"].items():
+        torch.testing.assert_close(b["agent"][key], value, atol=1e-6, rtol=0, msg=key)
+    for index, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            torch.testing.assert_close(b["optimizer"]["state"][index][name], value, atol=1e-6, rtol=0)
+    logged_a, logged_b = scalars(os.path.dirname(checkpoint_path(straight))), scalars(os.path.dirname(half_checkpoint))
+    assert logged_a.keys() == logged_b.keys() and "charts/mean_reward" in logged_a
+    for tag in logged_a:
+        assert [step for step, _ in logged_b[tag]] == [step for step, _ in logged_a[tag]], tag
+        assert [value for _, value in logged_b[tag]] == pytest.approx([value for _, value in logged_a[tag]], abs=1e-6), tag
