@@ -783,7 +783,14 @@ def upgrade_checkpoint(checkpoint: dict) -> dict:
     return checkpoint
 
 
+CHECKPOINT_ENTRIES = {"agent": dict, "optimizer": dict, "args": dict, "run_name": str, "global_step": int,
+                      "iteration": int, "rng": dict}
+
+
 def load_checkpoint(path: str) -> dict:
+    """A checkpoint of this script, read without running pickled code and checked entry by entry."""
+    if os.path.isdir(path):
+        fail(f"checkpoint {path} is a directory; expected the checkpoint.pt file inside a run folder")
     if not os.path.isfile(path):
         fail(f"checkpoint {path} does not exist")
     try:
@@ -792,14 +799,36 @@ def load_checkpoint(path: str) -> dict:
         fail(f"checkpoint {err}")
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         fail(f"{path} is not a checkpoint written by hrl_ppo_continuous.py (format {CHECKPOINT_FORMAT!r})")
+    for key, kind in CHECKPOINT_ENTRIES.items():
+        if not isinstance(checkpoint.get(key), kind):
+            fail(f"checkpoint {path}: entry {key!r} is {type(checkpoint.get(key)).__name__}, expected {kind.__name__} "
+                 "(the file is damaged or was edited)")
     return upgrade_checkpoint(checkpoint)
 
 
-def args_from_checkpoint(checkpoint: dict, **overrides) -> Args:
+def args_from_checkpoint(checkpoint: dict, path: str = "", **overrides) -> Args:
     known = {f.name for f in fields(Args)}
     saved = {k: v for k, v in checkpoint["args"].items() if k in known}
-    saved["hidden_sizes"] = tuple(saved.get("hidden_sizes", (1024, 512)))
-    return Args(**{**saved, **overrides})
+    try:
+        saved["hidden_sizes"] = tuple(int(size) for size in saved.get("hidden_sizes", (1024, 512)))
+        return Args(**{**saved, **overrides})
+    except (TypeError, ValueError) as err:
+        fail(f"checkpoint {path or checkpoint.get('run_name')}: its saved flags cannot be read ({err})")
+
+
+def restore_training_state(checkpoint: dict, path: str, agent: Agent, optimizer=None):
+    """Policy (and with an optimizer: optimiser and random streams, to train on) from a checkpoint;
+    anything that does not fit this run is an error naming the file and the part."""
+    parts = [("policy", lambda: agent.load_state_dict(checkpoint["agent"]))]
+    if optimizer is not None:
+        parts += [("optimiser", lambda: optimizer.load_state_dict(checkpoint["optimizer"])),
+                  ("random streams", lambda: set_rng_states(checkpoint["rng"]))]
+    for part, restore in parts:
+        try:
+            restore()
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            fail(f"checkpoint {path}: its {part} does not fit this run: {first_line}")
 
 
 FIXED_ON_RESUME = ("env_backend", "robot", "task", "llc_checkpoint", "llc_steps", "num_envs", "num_steps",
@@ -813,7 +842,7 @@ def parse_args(argv=None) -> Args:
     saved_path = args.resume or args.eval_checkpoint
     if saved_path and not (args.resume and args.eval_checkpoint):
         checkpoint = load_checkpoint(saved_path)
-        default = args_from_checkpoint(checkpoint, resume=args.resume, eval_checkpoint=args.eval_checkpoint)
+        default = args_from_checkpoint(checkpoint, saved_path, resume=args.resume, eval_checkpoint=args.eval_checkpoint)
         args = tyro.cli(Args, args=argv, default=default)
         for name in FIXED_ON_RESUME if args.resume else ():
             if getattr(args, name) != getattr(default, name):
@@ -848,7 +877,7 @@ def evaluate(args: Args, derived: Derived, checkpoint: dict):
     style_weight = resolve_style_reward_weight(args, llc, env)
     agent = Agent(env.num_obs, env.num_actions if derived.flat else llc.latent_dim, args.hidden_sizes, args.init_log_std,
                   args.learned_log_std, args.normalize_obs, args.normalize_value).to(derived.device)
-    agent.load_state_dict(checkpoint["agent"])
+    restore_training_state(checkpoint, args.eval_checkpoint, agent)
     episode_return = torch.zeros(num_envs, device=derived.device)
     episode_length = torch.zeros(num_envs, device=derived.device)
     finished = torch.zeros(num_envs, dtype=torch.bool, device=derived.device)
@@ -973,11 +1002,9 @@ if __name__ == "__main__":
     optimizer = make_optimizer(agent, args)
     global_step, start_iteration, wandb_run_id = 0, 1, None
     if resume_checkpoint is not None:
-        agent.load_state_dict(resume_checkpoint["agent"])
-        optimizer.load_state_dict(resume_checkpoint["optimizer"])
+        restore_training_state(resume_checkpoint, args.resume, agent, optimizer)
         global_step, start_iteration = resume_checkpoint["global_step"], resume_checkpoint["iteration"] + 1
         wandb_run_id = resume_checkpoint.get("wandb_run_id")
-        set_rng_states(resume_checkpoint["rng"])
         print(f"resumed {run_name} at global step {global_step} (iteration {start_iteration - 1})")
 
     run_dir = os.path.join("runs", run_name)

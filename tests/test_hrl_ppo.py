@@ -546,3 +546,39 @@ def test_isaacgym_adapter_fails_and_resets_envs_with_non_finite_rewards_or_obser
     assert int(env.nonfinite_resets) == 2
     env.reset_done()
     assert task.reset_calls == [None, [1, 2]]
+
+
+def malformed_checkpoints(tmp_path):
+    """A real checkpoint, then copies with a changed tensor shape, renamed keys, missing entries and a
+    wrong flag type: each must be the project's error naming the file."""
+    agent = hrl.Agent(5, 3, hidden_sizes=(8,))
+    optimizer = hrl.make_optimizer(agent, hrl.Args())
+    good = str(tmp_path / "good.pt")
+    hrl.save_checkpoint(good, agent, optimizer, hrl.Args(hidden_sizes=(8,)), "run", 0, 1)
+    base = torch.load(good, weights_only=True)
+    variants = {
+        "shape": lambda c: c["agent"].__setitem__("critic.0.weight", torch.zeros(9, 5)),
+        "renamed": lambda c: c.__setitem__("agent", {f"x.{k}": v for k, v in c["agent"].items()}),
+        "no_rng": lambda c: c.pop("rng"),
+        "no_optimizer": lambda c: c.pop("optimizer"),
+        "bad_rng": lambda c: c["rng"].pop("torch"),
+        "hidden_type": lambda c: c["args"].__setitem__("hidden_sizes", "large"),
+    }
+    for name, change in variants.items():
+        checkpoint = {**base, "agent": dict(base["agent"]), "args": dict(base["args"]), "rng": dict(base["rng"])}
+        change(checkpoint)
+        torch.save(checkpoint, str(tmp_path / f"{name}.pt"))
+    return agent, optimizer, list(variants)
+
+
+def test_malformed_checkpoints_are_errors_naming_the_file_not_tracebacks(tmp_path):
+    agent, optimizer, names = malformed_checkpoints(tmp_path)
+    for name in names:
+        path = str(tmp_path / f"{name}.pt")
+        with pytest.raises(SystemExit, match=f"error: .*{name}") as raised:
+            checkpoint = hrl.load_checkpoint(path)
+            hrl.args_from_checkpoint(checkpoint, path)
+            hrl.restore_training_state(checkpoint, path, agent, optimizer)
+        assert path in str(raised.value) and "Traceback" not in str(raised.value), (name, raised.value)
+    with pytest.raises(SystemExit, match="is a directory"):
+        hrl.load_checkpoint(str(tmp_path))
