@@ -831,7 +831,7 @@ def restore_training_state(checkpoint: dict, path: str, agent: Agent, optimizer=
             fail(f"checkpoint {path}: its {part} does not fit this run: {first_line}")
 
 
-FIXED_ON_RESUME = ("env_backend", "robot", "task", "llc_checkpoint", "llc_steps", "num_envs", "num_steps",
+FIXED_ON_RESUME = ("env_backend", "robot", "robot_xml", "task", "llc_checkpoint", "llc_steps", "num_envs", "num_steps",
                    "hidden_sizes", "learned_log_std")
 
 
