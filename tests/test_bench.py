@@ -5,6 +5,9 @@ import re
 import subprocess
 import sys
 
+import pytest
+import torch
+
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -41,3 +44,49 @@ def test_bench_rollout_prints_the_trainer_loop_beside_the_physics():
         assert min(physics, env_step, rollout, flat, c_mujoco) > 0
         assert abs(ratio - rollout / physics) < 0.01 + 0.01 * ratio
         assert abs(env_ratio - env_step / c_mujoco) < 0.01 + 0.01 * env_ratio
+
+
+def test_bench_hrl_prints_the_loop_beside_its_physics_and_torchrl():
+    stdout = run_bench("bench_hrl.py", "--num-envs", "8", "--num-steps", "2", "--threads", "1", "--profile")
+    assert re.search(r"hardware: cpu .* cores, torch .* threads, MuJoCo \d", stdout)
+    row = stdout.split("\n     8 ")[1].split()
+    physics, physics_step, hier, trainer = (float(value.replace(",", "")) for value in row[:4])
+    assert min(physics, physics_step, hier, trainer) > 0
+    assert abs(float(row[5]) - hier / physics) < 0.01 + 0.01 * hier / physics
+    assert abs(float(row[7]) - trainer / hier) < 0.01 + 0.01 * trainer / hier
+    if "torchrl unavailable" in stdout:
+        assert row[4] == row[8] == "n/a"
+    else:
+        torchrl = float(row[4].replace(",", ""))
+        assert torchrl > 0 and abs(float(row[8]) - hier / torchrl) < 0.01 + 0.01 * hier / torchrl
+    assert "profile ant N=8 (c)" in stdout and "PPO update (update_policy)" in stdout
+
+
+def test_bench_hrl_random_humanoid_llc_without_torchrl():
+    stdout = run_bench("bench_hrl.py", "--robot", "humanoid", "--llc-checkpoint", "random", "--num-envs", "8",
+                       "--num-steps", "2", "--threads", "1", "--no-torchrl")
+    assert "LLC random" in stdout and "(d) torchrl: skipped (--no-torchrl)" in stdout
+    assert stdout.split("\n     8 ")[1].split()[4] == "n/a"
+
+
+def test_torchrl_loop_is_the_trainers_hierarchical_step():
+    """(d) runs the same closed loop as (b): same states and window rewards from the same start."""
+    pytest.importorskip("torchrl")
+    sys.path.insert(0, REPO_DIR)
+    from bench.bench_hrl import LLC_STEPS, fixed_latents, make_torchrl_env
+    from hrl_ppo_continuous import hierarchical_step
+    from llc import load_llc
+    from tasks import make_env
+
+    llc = load_llc(os.path.join(REPO_DIR, "checkpoints", "llc_ant.pt"))
+    ours, theirs = (make_env("ant", "heading", 4, seed=0, backend="mujoco", sim_threads=1) for _ in range(2))
+    z = fixed_latents(ours, llc)
+    obs = ours.reset()["obs"]
+    torchrl_env = make_torchrl_env(theirs, llc)
+    td = torchrl_env.reset()
+    for _ in range(3):
+        step = hierarchical_step(ours, llc, z, obs, LLC_STEPS, ours.get_task_obs_size())
+        obs = ours.reset_done()["obs"]
+        out, td = torchrl_env.step_and_maybe_reset(td.set("latent", z[:, None].expand(-1, LLC_STEPS, -1)))
+        assert torch.allclose(out["next", "reward"].mean(1).squeeze(-1), step.reward, atol=1e-6)
+    assert torch.equal(ours.sim.qpos, theirs.sim.qpos)
