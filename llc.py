@@ -12,19 +12,26 @@ Two checkpoint formats load with `load_llc(path)`:
 Both are read with `torch.load(..., weights_only=True)`: tensors and plain Python values only,
 never arbitrary pickled objects.
 
+`atomic_save(obj, path)` writes any checkpoint (temporary file, fsync, rename, fsync of the
+directory) and refuses one with non-finite tensors (`first_nonfinite`); a failed write raises
+`CheckpointWriteError` and leaves the previous file at `path` as it was.
+
     python llc.py path/to/llc.pth [more.pth ...] [--ase-config ase_humanoid_hrl.yaml]   # what is inside
 """
 
 import argparse
+import contextlib
 import datetime
+import errno
+import io
 import math
 import os
 import pickle
 import re
 import shlex
 import sys
-import tempfile
 from collections.abc import Mapping
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -46,6 +53,11 @@ ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "selu": nn.SELU, "tanh": nn.Tanh,
 
 class LLCCheckpointError(ValueError):
     """A checkpoint that cannot be used as an LLC; the message names the file and what was wrong."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint that was not written (full disk, read-only or missing directory, permissions, non-finite
+    tensors); the message names the path and the cause. Whatever was at the path before is unchanged."""
 
 
 def make_activation(name):
@@ -336,6 +348,112 @@ def build_llc(obs_dim, latent_dim, action_dim, arch="style_cat", hidden=(1024, 1
 
 
 # ---------------------------------------------------------------------------------------------
+# Checkpoint files: atomic writes, finiteness
+# ---------------------------------------------------------------------------------------------
+def first_nonfinite(obj, where="") -> Optional[str]:
+    """The key path (e.g. 'actor.mu.bias', 'optimizer.state.3.exp_avg', 'losses[2]') of the first
+    floating-point tensor in `obj` (nested dicts, lists and tuples) that holds NaN or inf; None if every
+    tensor is finite. Other values (ints, strings, integer tensors) are never non-finite here."""
+    if torch.is_tensor(obj):
+        if (obj.is_floating_point() or obj.is_complex()) and not bool(torch.isfinite(obj).all()):
+            return where or "(the tensor itself)"
+        return None
+    if isinstance(obj, Mapping):
+        items = ((f"{where}.{key}" if where else str(key), value) for key, value in obj.items())
+    elif isinstance(obj, (list, tuple)):
+        items = ((f"{where}[{i}]", value) for i, value in enumerate(obj))
+    else:
+        return None
+    for item_where, value in items:
+        found = first_nonfinite(value, item_where)
+        if found is not None:
+            return found
+    return None
+
+
+def first_non_directory(folder):
+    """The first existing component of `folder` (from the root down) that is not a directory, or None."""
+    parts = os.path.abspath(folder).split(os.sep)
+    for i in range(2, len(parts) + 1):
+        prefix = os.sep.join(parts[:i])
+        if os.path.lexists(prefix) and not os.path.isdir(prefix):
+            return prefix
+    return None
+
+
+def os_reason(error):
+    """'no space left on device', 'read-only file system', 'permission denied' ... for an OSError."""
+    if error.errno is None:
+        return str(error)
+    text = os.strerror(error.errno)
+    return text[:1].lower() + text[1:]
+
+
+def write_failure(error, folder):
+    """Why a write into `folder` failed, in words that name the cause."""
+    if not isinstance(error, OSError):
+        return f"{type(error).__name__}: {error}"
+    if error.errno in (errno.ENOTDIR, errno.EEXIST):
+        blocking = first_non_directory(folder)
+        if blocking:
+            return f"{blocking} is a file, not a directory"
+    names = [name for name in (error.filename, error.filename2) if name]
+    return os_reason(error) + (f" ({' -> '.join(map(str, names))})" if names else "")
+
+
+def atomic_save(obj, path):
+    """torch.save(obj) to `path` such that `path` always holds a complete file: the previous one or this one.
+
+    The bytes go to `path + ".tmp"` in the same directory (created if needed), which is flushed and
+    fsynced, renamed onto `path` with os.replace (atomic on POSIX), and the directory is fsynced so that
+    the rename survives a power loss. On any failure (full disk, read-only file system, a path under a
+    regular file, permissions) the partial temporary file is removed and CheckpointWriteError names the
+    path and the cause; the previous file at `path` is untouched. An object with a non-finite
+    floating-point tensor is refused before anything is written (see first_nonfinite), so a run that
+    blew up never replaces its last good checkpoint."""
+    path = os.fspath(path)
+    bad = first_nonfinite(obj)
+    if bad is not None:
+        raise CheckpointWriteError(f"{path}: not written: tensor {bad!r} holds NaN or inf; "
+                                   f"whatever was at the path before is kept")
+    buffer = io.BytesIO()
+    try:
+        torch.save(obj, buffer)
+    except Exception as error:
+        raise CheckpointWriteError(f"{path}: not written: the object cannot be serialised: "
+                                   f"{type(error).__name__}: {error}") from error
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp_path = path + ".tmp"
+    opened = False
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(tmp_path, "wb") as f:
+            opened = True
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException as error:  # KeyboardInterrupt too: no partial file is left behind
+        if opened:
+            with contextlib.suppress(OSError):
+                os.remove(tmp_path)
+        if not isinstance(error, Exception):
+            raise
+        raise CheckpointWriteError(f"{path}: not written: {write_failure(error, folder)}; "
+                                   f"whatever was at the path before is kept") from error
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):  # file systems that cannot sync a directory
+            raise CheckpointWriteError(f"{path}: written, but its directory could not be synced to disk: "
+                                       f"{write_failure(error, folder)}") from error
+
+
+# ---------------------------------------------------------------------------------------------
 # Native format
 # ---------------------------------------------------------------------------------------------
 PLAIN_TYPES = (str, int, float, bool, type(None))
@@ -402,7 +520,8 @@ def portable_metadata(value, key=None):
 
 
 def save_llc(path, model, metadata):
-    """Write `model` (a LowLevelController) in the native format, atomically.
+    """Write `model` (a LowLevelController) in the native format via atomic_save (so a failed write
+    raises CheckpointWriteError and keeps the previous file).
 
     metadata: plain values describing how the LLC was made, e.g. robot, control_dt, pd (gains,
     action scale), command, seed, steps, wall_time_s, hardware.
@@ -426,20 +545,7 @@ def save_llc(path, model, metadata):
             "weights": cpu_state(model.discriminator),
             "amp_normalizer": cpu_state(model.amp_normalizer) if model.amp_normalizer is not None else None,
         }
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    # write next to the target, then rename: a crash never leaves a half-written checkpoint at `path`
-    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    atomic_save(checkpoint, path)
 
 
 def load_native(path, checkpoint):

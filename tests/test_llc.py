@@ -4,11 +4,15 @@ The ASE checkpoints are synthetic: random tensors under the exact rl_games key l
 action is compared against a re-computation from the raw tensors written here, not through llc.py.
 """
 
+import contextlib
+import errno
 import math
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections import OrderedDict
 
 import numpy as np
@@ -17,7 +21,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from llc import LLCCheckpointError, LowLevelController, RunningMeanStd, build_llc, load_llc, save_llc  # noqa: E402
+import llc as llc_module  # noqa: E402
+from llc import (CheckpointWriteError, LLCCheckpointError, LowLevelController, RunningMeanStd, atomic_save,  # noqa: E402
+                 build_llc, first_nonfinite, load_llc, save_llc)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMALL = dict(obs_dim=12, latent_dim=8, action_dim=5, amp_obs_dim=10, units=(32, 32, 16), style_units=(16, 8),
@@ -525,6 +531,193 @@ def test_check_env_names_both_sizes(tmp_path):
         llc.check_env(12, 3)
     with pytest.raises(LLCCheckpointError, match=r"^my_llc\.pth"):
         llc.check_env(30, 2, path="my_llc.pth")
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes
+# ---------------------------------------------------------------------------------------------
+GOOD = {"step": 1, "weights": torch.arange(6.0).reshape(2, 3)}
+NEW = {"step": 2, "weights": torch.ones(1000, 100)}
+
+
+def previous_checkpoint(folder):
+    """A good checkpoint at folder/checkpoint.pt and its bytes, to check that failed writes keep it."""
+    path = folder / "checkpoint.pt"
+    atomic_save(GOOD, path)
+    return path, path.read_bytes()
+
+
+def assert_kept(path, data):
+    assert path.read_bytes() == data, "the previous checkpoint must be left as it was"
+    assert torch.equal(torch.load(path, weights_only=True)["weights"], GOOD["weights"])
+    assert not os.path.exists(f"{path}.tmp"), "no partial temporary file may be left behind"
+
+
+def test_atomic_save_replaces_the_file_and_leaves_no_temporary_file(tmp_path):
+    path, _ = previous_checkpoint(tmp_path / "runs" / "a")  # creates missing directories
+    (tmp_path / "runs" / "a" / "checkpoint.pt.tmp").write_bytes(b"half a checkpoint from a killed run")
+    atomic_save(NEW, str(path))
+    assert torch.load(path, weights_only=True)["step"] == 2
+    assert sorted(os.listdir(path.parent)) == ["checkpoint.pt"]
+
+
+def test_first_nonfinite_names_the_first_bad_tensor():
+    assert first_nonfinite({"a": torch.ones(3), "n": 3, "s": "x", "i": torch.arange(3), "none": None}) is None
+    assert first_nonfinite(torch.tensor([1.0, float("nan")])) == "(the tensor itself)"
+    nested = {"agent": {"actor.0.weight": torch.ones(2), "actor.0.bias": torch.tensor([0.0, float("inf")])},
+              "optimizer": {"state": {0: {"exp_avg": torch.tensor([float("nan")])}}}}
+    assert first_nonfinite(nested) == "agent.actor.0.bias"
+    assert first_nonfinite({"losses": [torch.ones(1), torch.tensor(-float("inf"))]}) == "losses[1]"
+    assert first_nonfinite({"optimizer": nested["optimizer"]}) == "optimizer.state.0.exp_avg"
+    assert first_nonfinite(torch.tensor([1 + 1j, complex("nan")])) == "(the tensor itself)"
+
+
+def test_atomic_save_refuses_nonfinite_tensors_and_keeps_the_previous_file(tmp_path):
+    path, data = previous_checkpoint(tmp_path)
+    blown_up = {"step": 3, "agent": {"mu.bias": torch.tensor([0.0, float("nan")])}}
+    with pytest.raises(CheckpointWriteError, match=r"checkpoint\.pt: not written: tensor 'agent\.mu\.bias' holds NaN or inf"):
+        atomic_save(blown_up, path)
+    assert_kept(path, data)
+    model = trained_llc("mlp")
+    model.actor.mu.bias.data[0] = float("inf")
+    with pytest.raises(CheckpointWriteError, match=r"llc\.pt: not written: tensor 'actor\.mu\.bias' holds NaN or inf"):
+        save_llc(tmp_path / "llc.pt", model, {})
+    assert not (tmp_path / "llc.pt").exists()
+
+
+@contextlib.contextmanager
+def unprivileged():
+    """Run the block without root's right to write anywhere (as user nobody), when the tests run as root."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+
+
+def test_atomic_save_into_a_read_only_directory_fails_cleanly():
+    folder = pathlib.Path(tempfile.mkdtemp())  # not under tmp_path: user nobody must be able to reach it
+    try:
+        folder.chmod(0o755)
+        path, data = previous_checkpoint(folder / "ro")
+        path.parent.chmod(0o555)
+        with unprivileged(), pytest.raises(CheckpointWriteError) as error:
+            atomic_save(NEW, path)
+        assert str(error.value).startswith(f"{path}: not written: permission denied")
+        assert "whatever was at the path before is kept" in str(error.value)
+        assert_kept(path, data)
+    finally:
+        (folder / "ro").chmod(0o755)
+        shutil.rmtree(folder)
+
+
+def test_atomic_save_under_a_regular_file_or_onto_a_directory_fails_cleanly(tmp_path):
+    (tmp_path / "runs").write_text("not a directory")
+    for path in (tmp_path / "runs" / "checkpoint.pt", tmp_path / "runs" / "run_1" / "checkpoint.pt"):
+        blocked = rf"{path}: not written: {tmp_path / 'runs'} is a file, not a directory"
+        with pytest.raises(CheckpointWriteError, match=blocked):
+            atomic_save(NEW, path)
+    assert sorted(os.listdir(tmp_path)) == ["runs"] and (tmp_path / "runs").read_text() == "not a directory"
+    (tmp_path / "a_dir").mkdir()
+    with pytest.raises(CheckpointWriteError, match=r"a_dir: not written: is a directory"):
+        atomic_save(NEW, tmp_path / "a_dir")
+    assert sorted(os.listdir(tmp_path)) == ["a_dir", "runs"]
+
+
+class FullDisk:
+    """A file whose writes stop with ENOSPC after `room` bytes, as on a full disk."""
+
+    def __init__(self, file, room):
+        self.file, self.room = file, room
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+    def write(self, data):
+        data = memoryview(data).cast("B")
+        self.file.write(data[: self.room])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+
+def test_atomic_save_on_a_full_disk_keeps_the_previous_file_and_no_temporary(tmp_path, monkeypatch):
+    path, data = previous_checkpoint(tmp_path)
+    monkeypatch.setattr(llc_module, "open", lambda *args, **kwargs: FullDisk(open(*args, **kwargs), 4096), raising=False)
+    with pytest.raises(CheckpointWriteError, match=r"checkpoint\.pt: not written: no space left on device"):
+        atomic_save(NEW, path)
+    assert_kept(path, data)
+    monkeypatch.undo()
+
+    def fsync_full(fd):  # file systems that allocate late report the full disk at fsync
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(llc_module.os, "fsync", fsync_full)
+    with pytest.raises(CheckpointWriteError, match=r"checkpoint\.pt: not written: no space left on device"):
+        atomic_save(NEW, path)
+    monkeypatch.undo()
+    assert_kept(path, data)
+
+
+def test_atomic_save_interrupted_mid_write_leaves_no_temporary(tmp_path, monkeypatch):
+    path, data = previous_checkpoint(tmp_path)
+
+    class Interrupted(FullDisk):
+        def write(self, data):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(llc_module, "open", lambda *args, **kwargs: Interrupted(open(*args, **kwargs), 0), raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save(NEW, path)
+    monkeypatch.undo()
+    assert_kept(path, data)
+
+
+def test_atomic_save_past_a_real_file_size_limit_keeps_the_previous_file(tmp_path):
+    """A real failing write, no mock: the kernel stops the write at RLIMIT_FSIZE (EFBIG), in a child process."""
+    path, data = previous_checkpoint(tmp_path)
+    script = ("import resource, signal, sys, torch; sys.path.insert(0, sys.argv[2]); from llc import atomic_save\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))\n"
+              "atomic_save({'weights': torch.ones(1000, 100)}, sys.argv[1])")
+    result = subprocess.run([sys.executable, "-c", script, str(path), str(REPO_ROOT)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1 and f"CheckpointWriteError: {path}: not written: file too large" in result.stderr, \
+        result.stderr[-2000:]
+    assert_kept(path, data)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 256 KiB tmpfs mounted at tmp_path/disk (needs root and mount rights; skipped elsewhere)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small file system needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_atomic_save_on_a_really_full_and_read_only_file_system(small_tmpfs):
+    path, data = previous_checkpoint(small_tmpfs)
+    with pytest.raises(CheckpointWriteError, match=r"checkpoint\.pt: not written: no space left on device"):
+        atomic_save(NEW, path)  # 400 kB into 256 KiB
+    assert_kept(path, data)
+    subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
+    with pytest.raises(CheckpointWriteError, match=r"checkpoint\.pt: not written: read-only file system"):
+        atomic_save(GOOD, path)
+    assert_kept(path, data)
 
 
 # ---------------------------------------------------------------------------------------------
