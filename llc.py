@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import datetime
 import errno
+import hashlib
 import io
 import math
 import os
@@ -38,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 FORMAT_NAME = "hrl-llc"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a digest of the contents, verified at load; 1 (no digest) still loads
 ARCHS = ("style_cat", "mlp")
 NORM_EPSILON = 1e-5  # rl_games RunningMeanStd: (x - mean) / sqrt(var + 1e-5)
 NORM_CLIP = 5.0  # ... then clamped to [-5, 5]
@@ -348,7 +349,7 @@ def build_llc(obs_dim, latent_dim, action_dim, arch="style_cat", hidden=(1024, 1
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoint files: atomic writes, finiteness
+# Checkpoint files: atomic writes, finiteness, digests
 # ---------------------------------------------------------------------------------------------
 def first_nonfinite(obj, where="") -> Optional[str]:
     """The key path (e.g. 'actor.mu.bias', 'optimizer.state.3.exp_avg', 'losses[2]') of the first
@@ -453,6 +454,74 @@ def atomic_save(obj, path):
                                        f"{write_failure(error, folder)}") from error
 
 
+DIGEST_ALGORITHM = "sha256"
+DIGEST_SCALARS = (str, int, float, bool, type(None))
+
+
+def native_digest(checkpoint):
+    """{'algorithm': 'sha256', 'tensors': hex, 'values': hex} over everything in a native checkpoint but
+    its 'digest' entry, dict keys in sorted order: 'tensors' hashes each tensor's key path, dtype, shape
+    and bytes; 'values' the structure and every plain value (format, architecture, metadata, ...).
+    Raises TypeError naming the key of a value that is neither a tensor nor a plain value."""
+    tensors, values = hashlib.sha256(), hashlib.sha256()
+
+    def put(tag, payload):
+        values.update(tag + len(payload).to_bytes(8, "little") + payload)
+
+    def feed(value, where):
+        if torch.is_tensor(value):
+            tensor = value.detach().cpu().resolve_conj().contiguous()
+            header = f"{where}\0{tensor.dtype}\0{tuple(tensor.shape)}".encode()
+            tensors.update(len(header).to_bytes(8, "little") + header)
+            tensors.update(tensor.reshape(-1).view(torch.uint8).numpy())
+            put(b"T", where.encode("utf-8", "surrogatepass"))
+        elif value is None:
+            put(b"N", b"")
+        elif isinstance(value, bool):
+            put(b"B", b"1" if value else b"0")
+        elif isinstance(value, int):
+            put(b"I", str(value).encode())
+        elif isinstance(value, float):
+            put(b"F", value.hex().encode())
+        elif isinstance(value, str):
+            put(b"S", value.encode("utf-8", "surrogatepass"))
+        elif isinstance(value, Mapping):
+            put(b"D", str(len(value)).encode())
+            for key in sorted(value, key=repr):
+                if not isinstance(key, DIGEST_SCALARS):
+                    raise TypeError(f"{where or 'the checkpoint'} has a key of type {type(key).__name__}")
+                feed(key, f"{where} key")
+                feed(value[key], f"{where}.{key}" if where else str(key))
+        elif isinstance(value, (list, tuple)):
+            put(b"L" if isinstance(value, list) else b"U", str(len(value)).encode())
+            for i, item in enumerate(value):
+                feed(item, f"{where}[{i}]")
+        else:
+            raise TypeError(f"{where} holds a {type(value).__module__}.{type(value).__name__}, "
+                            f"neither a tensor nor a plain value")
+
+    feed({key: value for key, value in checkpoint.items() if key != "digest"}, "")
+    return {"algorithm": DIGEST_ALGORITHM, "tensors": tensors.hexdigest(), "values": values.hexdigest()}
+
+
+def verify_digest(path, checkpoint):
+    """Raise LLCCheckpointError unless the native checkpoint's contents match its stored 'digest'."""
+    stored = checkpoint.get("digest")
+    if not (isinstance(stored, Mapping) and stored.get("algorithm") == DIGEST_ALGORITHM
+            and isinstance(stored.get("tensors"), str) and isinstance(stored.get("values"), str)):
+        raise LLCCheckpointError(f"{path}: native LLC version {checkpoint.get('version')!r} without a valid "
+                                 f"'digest' entry (found {stored!r:.120}): the file was modified or corrupted")
+    try:
+        actual = native_digest(checkpoint)
+    except TypeError as error:
+        raise LLCCheckpointError(f"{path}: {error}; the native format stores tensors and plain values only") from error
+    if actual["tensors"] != stored["tensors"]:
+        raise LLCCheckpointError(f"{path}: tensors do not match the stored digest: the file was modified or corrupted")
+    if actual["values"] != stored["values"]:
+        raise LLCCheckpointError(f"{path}: the architecture, metadata or other values do not match the stored "
+                                 f"digest: the file was modified or corrupted")
+
+
 # ---------------------------------------------------------------------------------------------
 # Native format
 # ---------------------------------------------------------------------------------------------
@@ -520,8 +589,8 @@ def portable_metadata(value, key=None):
 
 
 def save_llc(path, model, metadata):
-    """Write `model` (a LowLevelController) in the native format via atomic_save (so a failed write
-    raises CheckpointWriteError and keeps the previous file).
+    """Write `model` (a LowLevelController) in the native format with a digest of its contents, via
+    atomic_save (so a failed write raises CheckpointWriteError and keeps the previous file).
 
     metadata: plain values describing how the LLC was made, e.g. robot, control_dt, pd (gains,
     action scale), command, seed, steps, wall_time_s, hardware.
@@ -545,14 +614,20 @@ def save_llc(path, model, metadata):
             "weights": cpu_state(model.discriminator),
             "amp_normalizer": cpu_state(model.amp_normalizer) if model.amp_normalizer is not None else None,
         }
+    checkpoint["digest"] = native_digest(checkpoint)
     atomic_save(checkpoint, path)
 
 
 def load_native(path, checkpoint):
+    """A native checkpoint -> LowLevelController. Version 2 files store a digest of their contents
+    (native_digest), verified here before anything else; version 1 files, written before the digest
+    existed (such as older copies of the shipped LLCs), have none and still load."""
     version = checkpoint.get("version")
-    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+    if type(version) is not int or not 1 <= version <= FORMAT_VERSION:
         raise LLCCheckpointError(f"{path}: native LLC format version {version!r}; this llc.py reads versions "
                                  f"1..{FORMAT_VERSION} (a newer file needs a newer llc.py)")
+    if version >= 2 or "digest" in checkpoint:
+        verify_digest(path, checkpoint)
     arch = checkpoint.get("arch")
     if not isinstance(arch, Mapping) or arch.get("name") not in ARCHS:
         found = arch.get("name") if isinstance(arch, Mapping) else arch

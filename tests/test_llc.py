@@ -23,7 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import llc as llc_module  # noqa: E402
 from llc import (CheckpointWriteError, LLCCheckpointError, LowLevelController, RunningMeanStd, atomic_save,  # noqa: E402
-                 build_llc, first_nonfinite, load_llc, save_llc)
+                 build_llc, first_nonfinite, load_llc, native_digest, save_llc)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMALL = dict(obs_dim=12, latent_dim=8, action_dim=5, amp_obs_dim=10, units=(32, 32, 16), style_units=(16, 8),
@@ -301,7 +301,7 @@ def test_native_round_trip_is_bit_exact(tmp_path, arch, disc):
     save_llc(path, model, METADATA)
     assert os.listdir(tmp_path) == ["llc.pt"], "the temporary file must be renamed, not left behind"
     raw = torch.load(path, weights_only=True)
-    assert raw["format"] == "hrl-llc" and raw["version"] == 1 and raw["arch"]["name"] == arch
+    assert raw["format"] == "hrl-llc" and raw["version"] == 2 and raw["arch"]["name"] == arch
     assert raw["arch"]["hidden"] == [32, 16] and raw["arch"]["obs_dim"] == 12
     assert "z / |z|" in raw["arch"]["latent_input"]
 
@@ -516,6 +516,59 @@ def test_inconsistent_ase_checkpoints(tmp_path):
     torch.save(checkpoint, tmp_path / "no_norm.pth")
     with pytest.raises(LLCCheckpointError, match=r"no_norm\.pth: no observation normaliser"):
         load_llc(tmp_path / "no_norm.pth")
+
+
+def resave(tmp_path, name, checkpoint, digest=True):
+    """torch.save a (possibly edited) checkpoint; native ones get a fresh digest when `digest`."""
+    if digest and "digest" in checkpoint:
+        checkpoint["digest"] = native_digest(checkpoint)
+    path = tmp_path / name
+    torch.save(checkpoint, path)
+    return path
+
+
+def native_checkpoint(tmp_path, arch="style_cat", **kwargs):
+    path = tmp_path / "native.pt"
+    save_llc(path, trained_llc(arch, **kwargs), METADATA)
+    return torch.load(path, weights_only=True)
+
+
+def test_native_digest_detects_changed_tensors_and_values(tmp_path):
+    checkpoint = native_checkpoint(tmp_path)
+    assert checkpoint["digest"] == native_digest(checkpoint) and checkpoint["digest"]["algorithm"] == "sha256"
+    weight = checkpoint["actor"]["mu.weight"]
+    weight[0, 0] = torch.nextafter(weight[0, 0], torch.tensor(1.0))  # one bit of one weight
+    with pytest.raises(LLCCheckpointError, match=r"one_bit\.pt: tensors do not match the stored digest: the file was "
+                                                 r"modified or corrupted"):
+        load_llc(resave(tmp_path, "one_bit.pt", checkpoint, digest=False))
+
+    checkpoint = native_checkpoint(tmp_path)
+    checkpoint["metadata"]["control_dt"] = 0.03
+    with pytest.raises(LLCCheckpointError, match=r"meta\.pt: the architecture, metadata .* do not match the stored digest"):
+        load_llc(resave(tmp_path, "meta.pt", checkpoint, digest=False))
+
+    checkpoint = native_checkpoint(tmp_path)
+    del checkpoint["digest"]
+    with pytest.raises(LLCCheckpointError, match=r"no_digest\.pt: native LLC version 2 without a valid 'digest'"):
+        load_llc(resave(tmp_path, "no_digest.pt", checkpoint))
+
+
+def test_native_version_1_without_digest_still_loads(tmp_path):
+    """Files written before the digest existed (version 1) load."""
+    model = trained_llc("style_cat")
+    checkpoint = native_checkpoint(tmp_path)
+    del checkpoint["digest"]
+    checkpoint["version"] = 1
+    loaded = load_llc(resave(tmp_path, "v1.pt", checkpoint))
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_shipped_native_checkpoints_carry_a_valid_digest():
+    for path in [REPO_ROOT / "checkpoints" / "llc_ant.pt", REPO_ROOT / "checkpoints" / "wip" / "llc_humanoid_part1.pt"]:
+        checkpoint = torch.load(path, weights_only=True)
+        assert checkpoint["version"] == 2 and checkpoint["digest"] == native_digest(checkpoint), path
+        load_llc(path)
 
 
 def test_check_env_names_both_sizes(tmp_path):
