@@ -10,7 +10,11 @@ Two checkpoint formats load with `load_llc(path)`:
   where it lives inside `model` as `running_mean_std.*`). Sizes are read from tensor shapes.
 
 Both are read with `torch.load(..., weights_only=True)`: tensors and plain Python values only,
-never arbitrary pickled objects.
+never arbitrary pickled objects. Every failure to load is an `LLCCheckpointError` whose message
+names the file: a missing path, a directory, truncated or corrupt bytes (including a zip member
+that fails its CRC-32), pickled Python objects (refused, nothing in them runs), a native file whose
+contents do not match its stored digest, missing or renamed entries, wrong shapes, dtypes or types,
+and non-finite weights or normaliser statistics.
 
 `atomic_save(obj, path)` writes any checkpoint (temporary file, fsync, rename, fsync of the
 directory) and refuses one with non-finite tensors (`first_nonfinite`); a failed write raises
@@ -28,9 +32,13 @@ import io
 import math
 import os
 import pickle
+import pickletools
 import re
 import shlex
+import stat
 import sys
+import warnings
+import zipfile
 from collections.abc import Mapping
 from typing import Optional
 
@@ -618,10 +626,85 @@ def save_llc(path, model, metadata):
     atomic_save(checkpoint, path)
 
 
+def entry_name(keys):
+    """('discriminator', 'weights', 'trunk.0.weight') -> "discriminator['weights']['trunk.0.weight']"."""
+    return str(keys[0]) + "".join(f"[{key!r}]" for key in keys[1:])
+
+
+def describe_value(value):
+    """A short description of a value found in a checkpoint, for messages: the value itself when it is a
+    plain scalar or a short list of them, else its type."""
+    short_list = isinstance(value, (list, tuple)) and len(value) <= 8 and all(isinstance(v, PLAIN_TYPES) for v in value)
+    if isinstance(value, PLAIN_TYPES) or short_list:
+        return f"{value!r:.60}"
+    return f"a {type(value).__name__}"
+
+
+def check_config(path, config, where, int_keys, int_list_keys):
+    """Raise LLCCheckpointError naming the entry unless config[int_keys] are positive integers,
+    config[int_list_keys] lists of positive integers and config['activation'] a supported name."""
+    for key in int_keys:
+        value = config.get(key)
+        if type(value) is not int or value < 1:
+            raise LLCCheckpointError(f"{path}: {where}[{key!r}] is {describe_value(value)}, expected a positive integer")
+    for key in int_list_keys:
+        value = config.get(key)
+        if not isinstance(value, (list, tuple)) or any(type(unit) is not int or unit < 1 for unit in value):
+            raise LLCCheckpointError(f"{path}: {where}[{key!r}] is {describe_value(value)}, expected a list of "
+                                     f"positive integers (layer sizes)")
+    if config.get("activation") not in ACTIVATIONS:
+        raise LLCCheckpointError(f"{path}: {where}['activation'] is {describe_value(config.get('activation'))}, "
+                                 f"expected one of {sorted(ACTIVATIONS)}")
+
+
+def build_checked(path, arch, disc_config, state, name_of, exact_dtype):
+    """LowLevelController(arch, disc_config) loaded with `state` (its state-dict keys -> values read from the
+    file). First, on a meta-device model that allocates nothing, every entry is checked to be there, expected,
+    a tensor of the right shape and dtype (floating point at least), finite, and normaliser variances >= 0;
+    name_of(key) names an entry as it is in the file, for the message."""
+    try:
+        with torch.device("meta"):
+            expected = LowLevelController(arch, disc_config).state_dict()
+    except (RuntimeError, ValueError, TypeError, OverflowError) as error:
+        raise LLCCheckpointError(f"{path}: the architecture {dict(arch)} cannot be built: {error}") from error
+
+    def names(keys):
+        return ", ".join(map(name_of, keys[:5])) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+    unexpected = [key for key in state if key not in expected]
+    if unexpected:
+        verb = "is not a tensor" if len(unexpected) == 1 else "are not tensors"
+        raise LLCCheckpointError(f"{path}: {names(unexpected)} {verb} of the architecture {dict(arch)} "
+                                 f"(renamed, or from another network?)")
+    missing = [key for key in expected if key not in state]
+    if missing:
+        raise LLCCheckpointError(f"{path}: {names(missing)} {'is' if len(missing) == 1 else 'are'} missing")
+    for key, want in expected.items():
+        value = state[key]
+        if not torch.is_tensor(value):
+            raise LLCCheckpointError(f"{path}: {name_of(key)} is {describe_value(value)}, expected a tensor of "
+                                     f"shape {tuple(want.shape)}")
+        if value.shape != want.shape:
+            raise LLCCheckpointError(f"{path}: {name_of(key)} has shape {tuple(value.shape)}, the architecture "
+                                     f"needs {tuple(want.shape)}")
+        if not value.is_floating_point() or (exact_dtype and value.dtype != want.dtype):
+            raise LLCCheckpointError(f"{path}: {name_of(key)} has dtype {value.dtype}, expected {want.dtype}")
+    bad = first_nonfinite(state)
+    if bad is not None:
+        raise LLCCheckpointError(f"{path}: {name_of(bad)} holds non-finite values (NaN or inf)")
+    negative = [key for key in state if key.endswith("running_var") and bool((state[key] < 0).any())]
+    if negative:
+        raise LLCCheckpointError(f"{path}: {name_of(negative[0])} has negative variances")
+    model = LowLevelController(arch, disc_config)
+    model.load_state_dict(state)
+    return model
+
+
 def load_native(path, checkpoint):
     """A native checkpoint -> LowLevelController. Version 2 files store a digest of their contents
     (native_digest), verified here before anything else; version 1 files, written before the digest
-    existed (such as older copies of the shipped LLCs), have none and still load."""
+    existed (such as older copies of the shipped LLCs), have none and still load, with every other check
+    (structure, shapes, dtypes, finiteness) applied."""
     version = checkpoint.get("version")
     if type(version) is not int or not 1 <= version <= FORMAT_VERSION:
         raise LLCCheckpointError(f"{path}: native LLC format version {version!r}; this llc.py reads versions "
@@ -631,24 +714,44 @@ def load_native(path, checkpoint):
     arch = checkpoint.get("arch")
     if not isinstance(arch, Mapping) or arch.get("name") not in ARCHS:
         found = arch.get("name") if isinstance(arch, Mapping) else arch
-        raise LLCCheckpointError(f"{path}: architecture {found!r} is not one of {ARCHS}")
+        raise LLCCheckpointError(f"{path}: architecture {describe_value(found)} is not one of {ARCHS}")
+    style = ("style_dim",) if arch["name"] == "style_cat" else ()
+    check_config(path, arch, "arch", ("obs_dim", "latent_dim", "action_dim", *style),
+                 ("hidden", "style_hidden") if style else ("hidden",))
+    parts = {"actor": ("actor",), "obs_normalizer": ("obs_normalizer",)}
     disc = checkpoint.get("discriminator")
-    try:
-        disc_config = None
-        if disc is not None:
-            disc_config = {key: disc[key] for key in ("amp_obs_dim", "hidden", "activation")}
-            disc_config["normalize_amp_obs"] = disc.get("amp_normalizer") is not None
-        model = LowLevelController(arch, disc_config)
-        model.actor.load_state_dict(checkpoint["actor"])
-        model.obs_normalizer.load_state_dict(checkpoint["obs_normalizer"])
-        if disc is not None:
-            model.discriminator.load_state_dict(disc["weights"])
-            if model.amp_normalizer is not None:
-                model.amp_normalizer.load_state_dict(disc["amp_normalizer"])
-    except (KeyError, RuntimeError, ValueError, TypeError) as error:
-        raise LLCCheckpointError(f"{path}: native LLC checkpoint is inconsistent with its architecture "
-                                 f"{dict(arch)}: {error}") from error
-    model.metadata = dict(checkpoint.get("metadata") or {})
+    disc_config = None
+    if disc is not None:
+        if not isinstance(disc, Mapping):
+            raise LLCCheckpointError(f"{path}: 'discriminator' is {describe_value(disc)}, expected a dict or None")
+        disc_config = {key: disc.get(key) for key in ("amp_obs_dim", "hidden", "activation")}
+        check_config(path, disc_config, "discriminator", ("amp_obs_dim",), ("hidden",))
+        disc_config["normalize_amp_obs"] = disc.get("amp_normalizer") is not None
+        parts["discriminator"] = ("discriminator", "weights")
+        if disc_config["normalize_amp_obs"]:
+            parts["amp_normalizer"] = ("discriminator", "amp_normalizer")
+    state = {}
+    for prefix, keys in parts.items():
+        part = checkpoint
+        for key in keys:
+            part = part.get(key)
+        if not isinstance(part, Mapping):
+            raise LLCCheckpointError(f"{path}: {entry_name(keys)} is {describe_value(part)}, expected a dict of tensors")
+        for key, value in part.items():
+            if not isinstance(key, str):
+                raise LLCCheckpointError(f"{path}: {entry_name(keys)} has a key {key!r} of type {type(key).__name__}, "
+                                         f"expected str")
+            state[f"{prefix}.{key}"] = value
+
+    def name_of(key):
+        prefix, _, rest = key.partition(".")
+        return entry_name((*parts[prefix], rest))
+
+    model = build_checked(path, arch, disc_config, state, name_of, exact_dtype=True)
+    metadata = checkpoint.get("metadata")
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise LLCCheckpointError(f"{path}: 'metadata' is {describe_value(metadata)}, expected a dict")
+    model.metadata = dict(metadata or {})
     return model
 
 
@@ -670,11 +773,22 @@ LAYOUTS_TRIED = ("native 'hrl-llc' (top-level 'format'), "
                  "'running_mean_std'), rl_games >= 1.3 ASE LLC (the same with 'running_mean_std.*' inside 'model')")
 
 
+def tensor_at(path, state, key, where, ndim):
+    """state[key], checked to be a tensor with `ndim` dimensions; `where` names `state` in the message."""
+    value = state[key]
+    if not torch.is_tensor(value):
+        raise LLCCheckpointError(f"{path}: {entry_name((where, key))} is {describe_value(value)}, expected a tensor")
+    if value.dim() != ndim:
+        raise LLCCheckpointError(f"{path}: {entry_name((where, key))} has shape {tuple(value.shape)}, expected a "
+                                 f"{ndim}-D tensor")
+    return value
+
+
 def linear_chain(path, model_state, prefix):
     """Weights of the Linear layers '{prefix}{i}.weight' in index order, checked to chain."""
-    indices = sorted(int(key[len(prefix):].split(".")[0]) for key in model_state
-                     if key.startswith(prefix) and key.endswith(".weight"))
-    weights = [model_state[f"{prefix}{i}.weight"] for i in indices]
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.weight")
+    indices = sorted(int(match[1]) for match in map(pattern.fullmatch, model_state) if match)
+    weights = [tensor_at(path, model_state, f"{prefix}{i}.weight", "model", ndim=2) for i in indices]
     for i, (prev, curr) in enumerate(zip(weights[:-1], weights[1:])):
         if curr.shape[1] != prev.shape[0]:
             raise LLCCheckpointError(f"{path}: layer {prefix}{indices[i + 1]}.weight has {curr.shape[1]} inputs but "
@@ -682,13 +796,15 @@ def linear_chain(path, model_state, prefix):
     return weights
 
 
-def read_normalizer(path, state, prefix, what):
-    """{running_mean, running_var, count} from keys '{prefix}running_mean', ... or None if absent."""
+def read_normalizer(path, state, prefix, what, where):
+    """{running_mean, running_var, count} from keys '{prefix}running_mean', ... or None if absent;
+    `where` names `state` in messages ('model', 'running_mean_std', ...)."""
     if f"{prefix}running_mean" not in state:
         return None
     missing = [k for k in NORMALIZER_KEYS if f"{prefix}{k}" not in state]
     if missing:
-        raise LLCCheckpointError(f"{path}: {what} normaliser '{prefix}' lacks {missing}")
+        raise LLCCheckpointError(f"{path}: {what} normaliser '{where}' lacks {[prefix + k for k in missing]}")
+    tensor_at(path, state, f"{prefix}running_mean", where, ndim=1)
     return {k: state[f"{prefix}{k}"] for k in NORMALIZER_KEYS}
 
 
@@ -730,6 +846,9 @@ ASE_REQUIRED = (f"{ASE_ACTOR}_style_mlp.0.weight", f"{ASE_ACTOR}_style_dense.wei
 
 def load_rl_games(path, checkpoint, ase_config=None):
     model_state = checkpoint["model"]
+    odd_key = next((key for key in model_state if not isinstance(key, str)), None)
+    if odd_key is not None:
+        raise LLCCheckpointError(f"{path}: 'model' has a key {odd_key!r} of type {type(odd_key).__name__}, expected str")
     missing = [key for key in ASE_REQUIRED if key not in model_state]
     if len(missing) == len(ASE_REQUIRED) or f"{ASE_ACTOR}_style_mlp.0.weight" in missing:
         hint = ""
@@ -745,15 +864,20 @@ def load_rl_games(path, checkpoint, ase_config=None):
 
     style_layers = linear_chain(path, model_state, f"{ASE_ACTOR}_style_mlp.")
     dense_layers = linear_chain(path, model_state, f"{ASE_ACTOR}_dense_layers.")
-    style_dense = model_state[f"{ASE_ACTOR}_style_dense.weight"]
-    mu = model_state["a2c_network.mu.weight"]
+    style_dense = tensor_at(path, model_state, f"{ASE_ACTOR}_style_dense.weight", "model", ndim=2)
+    mu = tensor_at(path, model_state, "a2c_network.mu.weight", "model", ndim=2)
     style_dim = style_dense.shape[0]
     latent_dim = style_layers[0].shape[1]
     obs_dim = dense_layers[0].shape[1] - style_dim
+    if obs_dim < 1:
+        raise LLCCheckpointError(f"{path}: {ASE_ACTOR}_dense_layers.0.weight has {dense_layers[0].shape[1]} inputs, "
+                                 f"no more than the style size {style_dim}: no room for an observation")
     layout = "rl_games >= 1.3" if "running_mean_std.running_mean" in model_state else "rl_games 1.1"
-    obs_norm = read_normalizer(path, model_state, "running_mean_std.", "observation")
+    obs_norm = read_normalizer(path, model_state, "running_mean_std.", "observation", "model")
+    obs_norm_where = "model['running_mean_std.{}']"
     if obs_norm is None and isinstance(checkpoint.get("running_mean_std"), Mapping):
-        obs_norm = read_normalizer(path, checkpoint["running_mean_std"], "", "observation")
+        obs_norm = read_normalizer(path, checkpoint["running_mean_std"], "", "observation", "running_mean_std")
+        obs_norm_where = "running_mean_std['{}']"
     if obs_norm is None:
         raise LLCCheckpointError(f"{path}: no observation normaliser: neither top-level 'running_mean_std' "
                                  f"(rl_games 1.1) nor 'model' keys 'running_mean_std.*' (rl_games >= 1.3); "
@@ -785,7 +909,8 @@ def load_rl_games(path, checkpoint, ase_config=None):
         amp_obs_dim = disc_layers[0].shape[1]
         # ASE and IsaacGymEnvs keep the AMP normaliser at the top level in both rl_games layouts
         if isinstance(checkpoint.get("amp_input_mean_std"), Mapping):
-            amp_norm = read_normalizer(path, checkpoint["amp_input_mean_std"], "", "AMP observation")
+            amp_norm = read_normalizer(path, checkpoint["amp_input_mean_std"], "", "AMP observation",
+                                       "amp_input_mean_std")
         if amp_norm is not None and amp_norm["running_mean"].shape[0] != amp_obs_dim:
             raise LLCCheckpointError(f"{path}: amp_input_mean_std has size {amp_norm['running_mean'].shape[0]} but "
                                      f"the discriminator takes {amp_obs_dim} AMP observation entries")
@@ -801,12 +926,17 @@ def load_rl_games(path, checkpoint, ase_config=None):
     state.update({f"obs_normalizer.{k}": v for k, v in obs_norm.items()})
     if amp_norm is not None:
         state.update({f"amp_normalizer.{k}": v for k, v in amp_norm.items()})
-    try:
-        model = LowLevelController(arch, disc_config)
-        model.load_state_dict(state)
-    except (RuntimeError, ValueError) as error:
-        raise LLCCheckpointError(f"{path}: ASE LLC weights do not fit the architecture inferred from them "
-                                 f"({arch}): {error}") from error
+
+    def name_of(key):  # our state-dict key -> the entry in the ASE file
+        prefix, _, rest = key.partition(".")
+        if prefix == "obs_normalizer":
+            return obs_norm_where.format(rest)
+        if prefix == "amp_normalizer":
+            return f"amp_input_mean_std[{rest!r}]"
+        ase_prefix = next(ase for ase, ours in ASE_RENAMES.items() if key.startswith(ours))
+        return f"model[{ase_prefix + key[len(ASE_RENAMES[ase_prefix]):]!r}]"
+
+    model = build_checked(path, arch, disc_config, state, name_of, exact_dtype=False)
     model.metadata = {"rl_games_layout": layout}
     for key in ("epoch", "frame"):
         if isinstance(checkpoint.get(key), (int, float)):
@@ -831,40 +961,132 @@ def numpy_scalar_globals():
             *dtype_classes]
 
 
-def read_checkpoint(path):
-    """torch.load with weights_only=True, turning every failure into an LLCCheckpointError."""
-    if not os.path.exists(path):
-        raise LLCCheckpointError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise LLCCheckpointError(f"{path}: is a directory, expected a checkpoint file")
+STRING_OPS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8"}
+GLOBAL_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+# what torch.save itself and rl_games' numpy scalars refer to: not "pickled Python objects" in a message
+CHECKPOINT_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode", "numpy.core.multiarray.scalar",
+                      "numpy._core.multiarray.scalar", "numpy.dtype")
+
+
+def pickled_globals(path):
+    """'module.name' of every global the pickles in `path` refer to (those in a torch.save zip, or the
+    pickles at the start of a legacy file), read with pickletools: nothing is imported or run."""
     try:
-        with torch.serialization.safe_globals(numpy_scalar_globals()):
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                streams = [archive.read(name) for name in archive.namelist() if name.endswith(".pkl")]
+        else:
+            with open(path, "rb") as f:
+                streams = [f.read()]
+    except Exception:  # unreadable: nothing to report
+        return []
+    names = []
+    for data in streams:
+        stream = io.BytesIO(data)
+        for _ in range(8):  # a legacy torch file is several pickles in a row, then raw storages
+            recent, memo = [None, None], {}  # the last two values pushed, when they are strings
+            try:
+                for op, arg, _ in pickletools.genops(stream):
+                    if op.name in ("GLOBAL", "INST"):
+                        names.append(arg.replace(" ", "."))
+                    elif op.name == "STACK_GLOBAL":
+                        names.append(".".join(str(part) for part in recent))
+                        recent = [None, None]
+                    if op.name in STRING_OPS:
+                        recent = [recent[1], arg]
+                    elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                        recent = [recent[1], memo.get(arg)]
+                    elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                        memo[arg] = recent[1]
+                    elif op.name == "MEMOIZE":
+                        memo[len(memo)] = recent[1]
+                    elif op.stack_after and op.name not in ("GLOBAL", "STACK_GLOBAL"):
+                        recent = [recent[1], None]
+            except Exception:  # not (or no more) pickle data
+                break
+            if stream.tell() >= len(data):
+                break
+    return [name for name in names if GLOBAL_NAME.fullmatch(name)]
+
+
+def refused_objects(path, error):
+    """The Python objects (module.name) that made weights_only loading refuse `path`, or [] when the
+    refusal was about corrupt bytes rather than pickled objects."""
+    named = re.findall(r"GLOBAL ([\w.]+)", str(error))
+    if named:
+        return named[:1]
+    return [name for name in pickled_globals(path) if not name.startswith(CHECKPOINT_GLOBALS)][:3]
+
+
+def corrupt(path, detail):
+    return LLCCheckpointError(f"{path}: not a readable torch checkpoint: the file is corrupt (truncated, damaged, "
+                              f"random bytes, or not written by torch.save): {detail}")
+
+
+def check_zip_members(path):
+    """A torch.save zip whose members fail their CRC-32 was damaged after it was written: refuse it."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return  # a legacy (pre-zip) torch file, or not a torch file at all: torch.load decides
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except Exception as error:  # BadZipFile, zlib.error, EOFError, NotImplementedError, ...
+        raise corrupt(path, f"a damaged zip archive ({type(error).__name__}: {error})") from error
+    if bad is not None:
+        raise corrupt(path, f"the zip member {bad!r} fails its CRC-32 check")
+
+
+def read_checkpoint(path):
+    """torch.load(path, weights_only=True) on the CPU, every failure turned into an LLCCheckpointError that
+    names the file: it does not exist, is a directory or not a regular file, cannot be read, is corrupt
+    (truncated, random bytes, a zip member failing its CRC-32), or holds pickled Python objects, which are
+    refused without running anything in them."""
+    path = os.fspath(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError as error:
+        raise LLCCheckpointError(f"{path}: does not exist (no such file or directory)") from error
+    except OSError as error:
+        raise LLCCheckpointError(f"{path}: cannot be read: {os_reason(error)}") from error
+    if stat.S_ISDIR(mode):
+        raise LLCCheckpointError(f"{path}: is a directory, expected a checkpoint file")
+    if not stat.S_ISREG(mode):
+        raise LLCCheckpointError(f"{path}: is not a regular file (a pipe, socket or device), expected a checkpoint file")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise LLCCheckpointError(f"{path}: cannot be read: {os_reason(error)}") from error
+    check_zip_members(path)
+    try:
+        with warnings.catch_warnings(), torch.serialization.safe_globals(numpy_scalar_globals()):
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        refused = refused_objects(path, error)
         if refused:
+            module, _, name = refused[0].rpartition(".")
+            # looked up without importing or calling anything: only modules this process already has
+            exists = module in sys.modules and name in vars(sys.modules[module])
+            damaged = "" if exists else (f" (or is corrupt: {refused[0]} does not exist here, so the name itself may be "
+                                         f"damaged)")
             raise LLCCheckpointError(
-                f"{path}: holds pickled Python objects ({refused.group(1)}), not only tensors and plain values; "
-                f"LLC checkpoints are read with torch.load(weights_only=True) and arbitrary objects are never "
-                f"unpickled. Re-save the state dicts as plain dicts of tensors.") from error
-        raise LLCCheckpointError(f"{path}: not a torch checkpoint (random or corrupt bytes: it is neither a "
-                                 f"torch.save zip nor a readable pickle)") from error
+                f"{path}: holds pickled Python objects ({', '.join(refused)}), not only tensors and plain values"
+                f"{damaged}; checkpoints are read with torch.load(weights_only=True), so it is refused and nothing in "
+                f"it was run. Re-save the state dicts as plain dicts of tensors.") from error
+        raise corrupt(path, "neither a torch.save zip nor a readable pickle") from error
     except Exception as error:  # zip errors, truncated files, random bytes: torch raises many kinds
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise LLCCheckpointError(f"{path}: not a readable torch checkpoint (file truncated or not written by "
-                                 f"torch.save): {type(error).__name__}: {first_line}") from error
+        raise corrupt(path, f"{type(error).__name__}: {first_line}") from error
 
 
-def load_llc(path, device="cpu", ase_config=None):
-    """Load a frozen LLC from a native or an ASE/rl_games checkpoint; ase_config: optional ASE LLC yaml."""
-    path = os.fspath(path)
-    checkpoint = read_checkpoint(path)
+def llc_from_checkpoint(path, checkpoint, ase_config):
     if not isinstance(checkpoint, Mapping):
         raise LLCCheckpointError(f"{path}: holds a {type(checkpoint).__name__}, expected a dict checkpoint. "
                                  f"Layouts tried: {LAYOUTS_TRIED}")
     if "format" in checkpoint:
         if checkpoint["format"] != FORMAT_NAME:
-            raise LLCCheckpointError(f"{path}: format {checkpoint['format']!r}, expected {FORMAT_NAME!r}")
+            raise LLCCheckpointError(f"{path}: format {describe_value(checkpoint['format'])}, expected {FORMAT_NAME!r}")
         model = load_native(path, checkpoint)
         model.source_format = "native"
         if ase_config is not None:
@@ -878,6 +1100,22 @@ def load_llc(path, device="cpu", ase_config=None):
     else:
         raise LLCCheckpointError(f"{path}: unknown checkpoint layout. Top-level keys: "
                                  f"{sorted(map(str, checkpoint))}. Layouts tried: {LAYOUTS_TRIED}")
+    return model
+
+
+def load_llc(path, device="cpu", ase_config=None):
+    """Load a frozen LLC from a native or an ASE/rl_games checkpoint; ase_config: optional ASE LLC yaml.
+    Any checkpoint that cannot be used raises LLCCheckpointError naming the file (see read_checkpoint,
+    load_native, build_checked); its weights and normaliser statistics are checked to be finite."""
+    path = os.fspath(path)
+    checkpoint = read_checkpoint(path)
+    try:
+        model = llc_from_checkpoint(path, checkpoint, ase_config)
+    except LLCCheckpointError:
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError, RuntimeError, OverflowError) as error:
+        # a structure no check above foresaw: still the file's fault, said as such
+        raise LLCCheckpointError(f"{path}: malformed LLC checkpoint: {type(error).__name__}: {error}") from error
     model.source_path = path
     return model.to(device).freeze()
 

@@ -9,10 +9,13 @@ import errno
 import math
 import os
 import pathlib
+import pickle
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
+import zipfile
 from collections import OrderedDict
 
 import numpy as np
@@ -440,7 +443,7 @@ def test_native_newer_version_is_refused(tmp_path):
 # Errors
 # ---------------------------------------------------------------------------------------------
 def test_missing_file(tmp_path):
-    with pytest.raises(LLCCheckpointError, match=r"nope\.pth: no such file"):
+    with pytest.raises(LLCCheckpointError, match=r"nope\.pth: does not exist"):
         load_llc(tmp_path / "nope.pth")
 
 
@@ -476,6 +479,45 @@ def test_arbitrary_pickled_objects_are_never_unpickled(tmp_path):
     with pytest.raises(LLCCheckpointError, match=r"trap\.pth: holds pickled Python objects"):
         load_llc(tmp_path / "trap.pth")
     assert not marker.exists()
+
+
+class RunsShell:
+    """Unpickling this would run a shell command that creates a file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("how", ["torch.save", "pickle protocol 0", "pickle protocol 2", "pickle protocol 4"])
+def test_pickle_that_would_run_code_is_refused_and_nothing_runs(tmp_path, how):
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.pt"
+    payload = {"format": "hrl-llc", "version": 2, "actor": RunsShell(marker)}
+    if how == "torch.save":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload, protocol=int(how[-1])))
+    with pytest.raises(LLCCheckpointError) as error:
+        load_llc(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: holds pickled Python objects (") and "system" in message, message
+    assert "corrupt" not in message and "nothing in it was run" in message
+    assert not marker.exists()
+
+
+def test_directory_fifo_and_unreadable_paths_say_what_they_are(tmp_path):
+    (tmp_path / "llc_dir").mkdir()
+    with pytest.raises(LLCCheckpointError, match=r"llc_dir: is a directory"):
+        load_llc(tmp_path / "llc_dir")
+    os.mkfifo(tmp_path / "pipe.pt")  # torch.load would wait on it forever
+    with pytest.raises(LLCCheckpointError, match=r"pipe\.pt: is not a regular file"):
+        load_llc(tmp_path / "pipe.pt")
+    (tmp_path / "link.pt").symlink_to(tmp_path / "gone.pt")
+    with pytest.raises(LLCCheckpointError, match=r"link\.pt: does not exist"):
+        load_llc(tmp_path / "link.pt")
 
 
 def test_unknown_layouts_name_the_keys(tmp_path):
@@ -554,7 +596,7 @@ def test_native_digest_detects_changed_tensors_and_values(tmp_path):
 
 
 def test_native_version_1_without_digest_still_loads(tmp_path):
-    """Files written before the digest existed (version 1) load."""
+    """Files written before the digest existed (version 1) load, with every other check."""
     model = trained_llc("style_cat")
     checkpoint = native_checkpoint(tmp_path)
     del checkpoint["digest"]
@@ -562,6 +604,9 @@ def test_native_version_1_without_digest_still_loads(tmp_path):
     loaded = load_llc(resave(tmp_path, "v1.pt", checkpoint))
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
+    checkpoint["actor"]["mu.bias"][1] = float("nan")
+    with pytest.raises(LLCCheckpointError, match=r"v1_nan\.pt: actor\['mu\.bias'\] holds non-finite values"):
+        load_llc(resave(tmp_path, "v1_nan.pt", checkpoint))
 
 
 def test_shipped_native_checkpoints_carry_a_valid_digest():
@@ -569,6 +614,151 @@ def test_shipped_native_checkpoints_carry_a_valid_digest():
         checkpoint = torch.load(path, weights_only=True)
         assert checkpoint["version"] == 2 and checkpoint["digest"] == native_digest(checkpoint), path
         load_llc(path)
+
+
+@pytest.mark.parametrize("where,value,message", [
+    ("actor/mu.bias", float("nan"), r"actor\['mu\.bias'\] holds non-finite values"),
+    ("actor/style_mlp.0.weight", float("inf"), r"actor\['style_mlp\.0\.weight'\] holds non-finite values"),
+    ("obs_normalizer/running_var", float("-inf"), r"obs_normalizer\['running_var'\] holds non-finite values"),
+    ("obs_normalizer/running_mean", float("nan"), r"obs_normalizer\['running_mean'\] holds non-finite values"),
+    ("obs_normalizer/running_var", -1.0, r"obs_normalizer\['running_var'\] has negative variances"),
+    ("discriminator/weights/logits.bias", float("nan"), r"discriminator\['weights'\]\['logits\.bias'\] holds non-finite"),
+    ("discriminator/amp_normalizer/running_mean", float("inf"),
+     r"discriminator\['amp_normalizer'\]\['running_mean'\] holds non-finite"),
+])
+def test_native_nonfinite_weights_and_statistics_are_refused(tmp_path, where, value, message):
+    """Even with a digest that matches (a blown-up model saved as it was), a non-finite LLC never loads."""
+    checkpoint = native_checkpoint(tmp_path, amp_obs_dim=10, disc_hidden=(16, 8))
+    *keys, leaf = where.split("/")
+    part = checkpoint
+    for key in keys:
+        part = part[key]
+    part[leaf].view(-1)[0] = value
+    with pytest.raises(LLCCheckpointError, match=r"bad\.pt: " + message):
+        load_llc(resave(tmp_path, "bad.pt", checkpoint))
+
+
+@pytest.mark.parametrize("layout,key,message", [
+    ("1.1", "model/a2c_network.mu.bias", r"model\['a2c_network\.mu\.bias'\] holds non-finite values"),
+    ("1.1", "model/a2c_network.actor_mlp._style_dense.weight",
+     r"model\['a2c_network\.actor_mlp\._style_dense\.weight'\] holds non-finite"),
+    ("1.1", "running_mean_std/running_var", r"running_mean_std\['running_var'\] holds non-finite values"),
+    ("1.3", "model/running_mean_std.running_mean", r"model\['running_mean_std\.running_mean'\] holds non-finite"),
+    ("1.1", "amp_input_mean_std/running_var", r"amp_input_mean_std\['running_var'\] holds non-finite values"),
+])
+def test_ase_nonfinite_weights_and_statistics_are_refused(tmp_path, layout, key, message):
+    checkpoint = ase_llc_checkpoint(**SMALL, layout=layout)
+    part, leaf = key.split("/")
+    checkpoint[part][leaf].view(-1)[-1] = float("nan")
+    with pytest.raises(LLCCheckpointError, match=r"ase_nan\.pth: " + message):
+        load_llc(resave(tmp_path, "ase_nan.pth", checkpoint))
+
+
+def test_ase_nonfinite_entries_the_llc_does_not_use_are_ignored(tmp_path):
+    checkpoint = ase_llc_checkpoint(**SMALL)
+    checkpoint["model"]["a2c_network.value.bias"][0] = float("nan")  # the critic: not part of the LLC
+    load_llc(resave(tmp_path, "critic_nan.pth", checkpoint))
+
+
+def edit(checkpoint, where, action):
+    """Apply one edit to the entry at `where` ('actor/mu.weight'): del, rename, or a new value."""
+    *keys, leaf = where.split("/")
+    part = checkpoint
+    for key in keys:
+        part = part[key]
+    if action == "del":
+        del part[leaf]
+    elif action == "rename":
+        part[leaf + "_renamed"] = part.pop(leaf)
+    else:
+        part[leaf] = action(part[leaf])
+
+
+NATIVE_MALFORMED = [  # every edit keeps a valid digest: what is checked is the structure
+    ("actor/mu.weight", lambda w: w[:, :-1], r"actor\['mu\.weight'\] has shape \(5, 15\), the architecture needs \(5, 16\)"),
+    ("actor/mu.weight", lambda w: w.double(), r"actor\['mu\.weight'\] has dtype torch\.float64, expected torch\.float32"),
+    ("actor/mu.weight", lambda w: w.long(), r"actor\['mu\.weight'\] has dtype torch\.int64"),
+    ("actor/mu.weight", "rename", r"actor\['mu\.weight_renamed'\] is not a tensor of the architecture"),
+    ("actor/mu.bias", "del", r"actor\['mu\.bias'\] is missing"),
+    ("actor/mu.bias", lambda b: b.tolist(), r"actor\['mu\.bias'\] is \[-?0\.\d+, .*, expected a tensor of shape \(5,\)"),
+    ("actor", lambda a: list(a.values()), r"actor is a list, expected a dict of tensors"),
+    ("obs_normalizer", "del", r"obs_normalizer is None, expected a dict of tensors"),
+    ("obs_normalizer/count", "del", r"obs_normalizer\['count'\] is missing"),
+    ("arch/hidden", lambda h: "32,16", r"arch\['hidden'\] is '32,16', expected a list of positive integers"),
+    ("arch/hidden", lambda h: [32, 0], r"arch\['hidden'\] is \[32, 0\], expected a list of positive integers"),
+    ("arch/obs_dim", lambda d: 12.0, r"arch\['obs_dim'\] is 12\.0, expected a positive integer"),
+    ("arch/obs_dim", "del", r"arch\['obs_dim'\] is None, expected a positive integer"),
+    ("arch/obs_dim", lambda d: 2**40,  # checked on the meta device: nothing of that size is allocated
+     r"obs_normalizer\['running_mean'\] has shape \(12,\), the architecture needs \(1099511627776,\)"),
+    ("arch/activation", lambda a: "swish", r"arch\['activation'\] is 'swish', expected one of"),
+    ("arch/name", lambda a: "transformer", r"architecture 'transformer' is not one of"),
+    ("arch", lambda a: None, r"architecture None is not one of"),
+    ("discriminator", lambda d: "yes", r"'discriminator' is 'yes', expected a dict or None"),
+    ("discriminator/hidden", lambda h: None, r"discriminator\['hidden'\] is None, expected a list of positive integers"),
+    ("discriminator/weights/trunk.0.weight", "del", r"discriminator\['weights'\]\['trunk\.0\.weight'\] is missing"),
+    ("metadata", lambda m: [1, 2], r"'metadata' is \[1, 2\], expected a dict"),
+    ("version", lambda v: "2", r"native LLC format version '2'"),
+]
+
+
+@pytest.mark.parametrize("where,action,message", NATIVE_MALFORMED)
+def test_malformed_native_checkpoints_name_the_file_and_the_entry(tmp_path, where, action, message):
+    checkpoint = native_checkpoint(tmp_path, amp_obs_dim=10, disc_hidden=(16, 8))
+    edit(checkpoint, where, action)
+    with pytest.raises(LLCCheckpointError, match=r"^\S*malformed\.pt: " + message):
+        load_llc(resave(tmp_path, "malformed.pt", checkpoint))
+
+
+ASE_MALFORMED = [
+    ("model/a2c_network.mu.bias", lambda b: b[:-1], r"model\['a2c_network\.mu\.bias'\] has shape \(4,\), the architecture "
+                                                    r"needs \(5,\)"),
+    ("model/a2c_network.mu.bias", "rename", r"model\['a2c_network\.mu\.bias_renamed'\] is not a tensor of the architecture"),
+    ("model/a2c_network.mu.bias", "del", r"model\['a2c_network\.mu\.bias'\] is missing"),
+    ("model/a2c_network.mu.weight", lambda w: w[0], r"model\['a2c_network\.mu\.weight'\] has shape \(16,\), expected a "
+                                                    r"2-D tensor"),
+    ("model/a2c_network.mu.weight", lambda w: "weights", r"model\['a2c_network\.mu\.weight'\] is 'weights', expected a "
+                                                         r"tensor"),
+    ("model/a2c_network.actor_mlp._style_mlp.2.bias", lambda b: b.int(),
+     r"model\['a2c_network\.actor_mlp\._style_mlp\.2\.bias'\] has dtype torch\.int32"),
+    ("model/a2c_network.actor_mlp._dense_layers.1.weight", "rename",
+     r"model\['a2c_network\.actor_mlp\._dense_layers\.2\.weight'\], .*"
+     r"model\['a2c_network\.actor_mlp\._dense_layers\.1\.weight_renamed'\] are not tensors of the architecture"),
+    ("model/a2c_network._disc_logits.bias", "del", r"model\['a2c_network\._disc_logits\.bias'\] is missing"),
+    ("running_mean_std/count", "del", r"observation normaliser 'running_mean_std' lacks \['count'\]"),
+    ("running_mean_std/running_mean", lambda m: m[0], r"running_mean_std\['running_mean'\] has shape \(\), expected a 1-D"),
+    ("running_mean_std/count", lambda c: c.reshape(1, 1), r"running_mean_std\['count'\] has shape \(1, 1\), the "
+                                                          r"architecture needs \(\)"),
+    ("amp_input_mean_std/running_var", lambda v: None, r"amp_input_mean_std\['running_var'\] is None, expected a tensor"),
+]
+
+
+@pytest.mark.parametrize("where,action,message", ASE_MALFORMED)
+def test_malformed_ase_checkpoints_name_the_file_and_the_entry(tmp_path, where, action, message):
+    checkpoint = ase_llc_checkpoint(**SMALL)
+    edit(checkpoint, where, action)
+    with pytest.raises(LLCCheckpointError, match=r"^\S*malformed\.pth: (" + message + ")"):
+        load_llc(resave(tmp_path, "malformed.pth", checkpoint))
+
+
+def test_ase_model_with_a_non_string_key_is_refused(tmp_path):
+    checkpoint = ase_llc_checkpoint(**SMALL)
+    checkpoint["model"][3] = torch.zeros(2)
+    with pytest.raises(LLCCheckpointError, match=r"odd_key\.pth: 'model' has a key 3 of type int, expected str"):
+        load_llc(resave(tmp_path, "odd_key.pth", checkpoint))
+
+
+def test_zip_member_failing_its_crc_is_refused(tmp_path):
+    """One flipped bit in a weight of an ASE file (no digest of its own) is caught by the zip's CRC-32."""
+    path, _ = save_ase(tmp_path, "ase_llc.pth")
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        member = max(archive.infolist(), key=lambda info: info.file_size)  # the largest weight matrix
+    name_size, extra_size = struct.unpack("<HH", data[member.header_offset + 26: member.header_offset + 30])
+    data[member.header_offset + 30 + name_size + extra_size + member.file_size // 2] ^= 0x10
+    (tmp_path / "flipped.pth").write_bytes(bytes(data))
+    with pytest.raises(LLCCheckpointError, match=r"flipped\.pth: not a readable torch checkpoint: the file is corrupt "
+                                                 r".*fails its CRC-32 check"):
+        load_llc(tmp_path / "flipped.pth")
 
 
 def test_check_env_names_both_sizes(tmp_path):
@@ -785,7 +975,7 @@ def test_cli_prints_dims(tmp_path):
     result = subprocess.run([sys.executable, "llc.py", *paths], cwd=REPO_ROOT, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 1, "a file that cannot be read must fail the command"
-    assert "missing.pth: no such file" in result.stderr
+    assert "missing.pth: does not exist" in result.stderr
     ase_part, native_part = result.stdout.split("\n\n")
     for line in ("format:        rl_games", "obs_dim:       12", "latent_dim:    8", "action_dim:    5",
                  "architecture:  style_cat", "discriminator: yes", "rl_games_layout: rl_games 1.1", "epoch: 25000"):
