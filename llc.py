@@ -904,7 +904,12 @@ def load_rl_games(path, checkpoint, ase_config=None):
 
     disc_config = None
     amp_norm = None
-    if "a2c_network._disc_mlp.0.weight" in model_state and "a2c_network._disc_logits.weight" in model_state:
+    disc_halves = ["a2c_network._disc_mlp.0.weight", "a2c_network._disc_logits.weight"]
+    present = [key for key in disc_halves if key in model_state]
+    if len(present) == 1:
+        raise LLCCheckpointError(f"{path}: 'model' has {present[0]} but not {(set(disc_halves) - set(present)).pop()}: "
+                                 f"half a discriminator (a damaged or renamed entry)")
+    if present:
         disc_layers = linear_chain(path, model_state, "a2c_network._disc_mlp.")
         amp_obs_dim = disc_layers[0].shape[1]
         # ASE and IsaacGymEnvs keep the AMP normaliser at the top level in both rl_games layouts
@@ -968,9 +973,35 @@ CHECKPOINT_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode", "nu
                       "numpy._core.multiarray.scalar", "numpy.dtype")
 
 
+def pickle_globals(stream):
+    """('module.name' of every global one pickle refers to, whether it ended cleanly), read from `stream`
+    with pickletools: nothing is imported or run. Stops at the pickle's end or its first damaged byte."""
+    names, recent, memo = [], [None, None], {}  # recent: the last two values pushed, when they are strings
+    try:
+        for op, arg, _ in pickletools.genops(stream):
+            if op.name in ("GLOBAL", "INST"):
+                names.append(arg.replace(" ", "."))
+            elif op.name == "STACK_GLOBAL":
+                names.append(".".join(str(part) for part in recent))
+                recent = [None, None]
+            if op.name in STRING_OPS:
+                recent = [recent[1], arg]
+            elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                recent = [recent[1], memo.get(arg)]
+            elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[arg] = recent[1]
+            elif op.name == "MEMOIZE":
+                memo[len(memo)] = recent[1]
+            elif op.stack_after and op.name not in ("GLOBAL", "STACK_GLOBAL"):
+                recent = [recent[1], None]
+    except Exception:  # not (or no more) pickle data
+        return names, False
+    return names, True
+
+
 def pickled_globals(path):
-    """'module.name' of every global the pickles in `path` refer to (those in a torch.save zip, or the
-    pickles at the start of a legacy file), read with pickletools: nothing is imported or run."""
+    """'module.name' of every global the pickles in `path` refer to: those in a torch.save zip, or the
+    pickles at the start of a legacy file (several in a row, then raw storages)."""
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
@@ -981,31 +1012,15 @@ def pickled_globals(path):
     except Exception:  # unreadable: nothing to report
         return []
     names = []
-    for data in streams:
-        stream = io.BytesIO(data)
-        for _ in range(8):  # a legacy torch file is several pickles in a row, then raw storages
-            recent, memo = [None, None], {}  # the last two values pushed, when they are strings
-            try:
-                for op, arg, _ in pickletools.genops(stream):
-                    if op.name in ("GLOBAL", "INST"):
-                        names.append(arg.replace(" ", "."))
-                    elif op.name == "STACK_GLOBAL":
-                        names.append(".".join(str(part) for part in recent))
-                        recent = [None, None]
-                    if op.name in STRING_OPS:
-                        recent = [recent[1], arg]
-                    elif op.name in ("GET", "BINGET", "LONG_BINGET"):
-                        recent = [recent[1], memo.get(arg)]
-                    elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
-                        memo[arg] = recent[1]
-                    elif op.name == "MEMOIZE":
-                        memo[len(memo)] = recent[1]
-                    elif op.stack_after and op.name not in ("GLOBAL", "STACK_GLOBAL"):
-                        recent = [recent[1], None]
-            except Exception:  # not (or no more) pickle data
-                break
-            if stream.tell() >= len(data):
-                break
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pickletools on damaged string escapes
+        for data in streams:
+            stream = io.BytesIO(data)
+            for _ in range(8):
+                found, complete = pickle_globals(stream)
+                names += found
+                if not complete or stream.tell() >= len(data):
+                    break
     return [name for name in names if GLOBAL_NAME.fullmatch(name)]
 
 

@@ -724,6 +724,8 @@ ASE_MALFORMED = [
      r"model\['a2c_network\.actor_mlp\._dense_layers\.2\.weight'\], .*"
      r"model\['a2c_network\.actor_mlp\._dense_layers\.1\.weight_renamed'\] are not tensors of the architecture"),
     ("model/a2c_network._disc_logits.bias", "del", r"model\['a2c_network\._disc_logits\.bias'\] is missing"),
+    ("model/a2c_network._disc_logits.weight", "rename", r"'model' has a2c_network\._disc_mlp\.0\.weight but not "
+                                                        r"a2c_network\._disc_logits\.weight: half a discriminator"),
     ("running_mean_std/count", "del", r"observation normaliser 'running_mean_std' lacks \['count'\]"),
     ("running_mean_std/running_mean", lambda m: m[0], r"running_mean_std\['running_mean'\] has shape \(\), expected a 1-D"),
     ("running_mean_std/count", lambda c: c.reshape(1, 1), r"running_mean_std\['count'\] has shape \(1, 1\), the "
