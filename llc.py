@@ -689,6 +689,9 @@ def build_checked(path, arch, disc_config, state, name_of, exact_dtype):
                                      f"needs {tuple(want.shape)}")
         if not value.is_floating_point() or (exact_dtype and value.dtype != want.dtype):
             raise LLCCheckpointError(f"{path}: {name_of(key)} has dtype {value.dtype}, expected {want.dtype}")
+        if not value.is_contiguous():  # torch.save keeps strides: a parameter's are a contiguous tensor's
+            raise LLCCheckpointError(f"{path}: {name_of(key)} has strides {value.stride()}, not those of a contiguous "
+                                     f"tensor: the file is damaged")
     bad = first_nonfinite(state)
     if bad is not None:
         raise LLCCheckpointError(f"{path}: {name_of(bad)} holds non-finite values (NaN or inf)")
@@ -1095,6 +1098,34 @@ def read_checkpoint(path):
         raise corrupt(path, f"{type(error).__name__}: {first_line}") from error
 
 
+def check_storages_used(path, checkpoint):
+    """torch.save writes the data of each storage its tensors use, and no other: a data record that no
+    tensor uses means a tensor was pointed at another one's data (a damaged storage reference)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = sum(1 for name in archive.namelist() if re.search(r"/data/\d+$", name))
+    except (zipfile.BadZipFile, OSError):
+        return  # a legacy file: its storages are inline, there is nothing to count
+    storages = set()
+
+    def collect(value):
+        if torch.is_tensor(value):
+            storages.add(value.untyped_storage()._cdata)
+        elif isinstance(value, (torch.UntypedStorage, torch.TypedStorage)):
+            storages.add(value._cdata)
+        elif isinstance(value, Mapping):
+            for item in value.values():
+                collect(item)
+        elif isinstance(value, (list, tuple, set)):
+            for item in value:
+                collect(item)
+
+    collect(checkpoint)
+    if len(storages) < records:
+        raise corrupt(path, f"{records - len(storages)} of its {records} tensor data records are used by no tensor "
+                            f"(a damaged storage reference)")
+
+
 def llc_from_checkpoint(path, checkpoint, ase_config):
     if not isinstance(checkpoint, Mapping):
         raise LLCCheckpointError(f"{path}: holds a {type(checkpoint).__name__}, expected a dict checkpoint. "
@@ -1125,6 +1156,7 @@ def load_llc(path, device="cpu", ase_config=None):
     path = os.fspath(path)
     checkpoint = read_checkpoint(path)
     try:
+        check_storages_used(path, checkpoint)
         model = llc_from_checkpoint(path, checkpoint, ase_config)
     except LLCCheckpointError:
         raise

@@ -742,6 +742,22 @@ def test_malformed_ase_checkpoints_name_the_file_and_the_entry(tmp_path, where, 
         load_llc(resave(tmp_path, "malformed.pth", checkpoint))
 
 
+def test_damaged_strides_and_storage_references_are_refused(tmp_path):
+    """What a damaged pickle can do to an ASE file (which has no digest) without breaking its CRCs: a tensor
+    with other strides over the same data, or a tensor pointed at another one's data record."""
+    checkpoint = ase_llc_checkpoint(**SMALL)
+    mu = checkpoint["model"]["a2c_network.mu.weight"]
+    checkpoint["model"]["a2c_network.mu.weight"] = mu.t().contiguous().t()  # same shape and values, other strides
+    with pytest.raises(LLCCheckpointError, match=r"strided\.pth: model\['a2c_network\.mu\.weight'\] has strides "
+                                                 r"\(1, 5\), not those of a contiguous tensor"):
+        load_llc(resave(tmp_path, "strided.pth", checkpoint))
+    path, _ = save_ase(tmp_path, "ase_llc.pth")
+    with zipfile.ZipFile(path, "a") as archive:  # a data record that no tensor uses any more
+        archive.writestr(f"{archive.namelist()[0].split('/')[0]}/data/999", b"\0" * 64)
+    with pytest.raises(LLCCheckpointError, match=r"ase_llc\.pth: not a readable torch checkpoint: the file is corrupt .*"
+                                                 r"1 of its \d+ tensor data records are used by no tensor"):
+        load_llc(path)
+
 def test_ase_model_with_a_non_string_key_is_refused(tmp_path):
     checkpoint = ase_llc_checkpoint(**SMALL)
     checkpoint["model"][3] = torch.zeros(2)
