@@ -10,28 +10,44 @@ Two checkpoint formats load with `load_llc(path)`:
   where it lives inside `model` as `running_mean_std.*`). Sizes are read from tensor shapes.
 
 Both are read with `torch.load(..., weights_only=True)`: tensors and plain Python values only,
-never arbitrary pickled objects.
+never arbitrary pickled objects. Every failure to load is an `LLCCheckpointError` whose message
+names the file: a missing path, a directory, truncated or corrupt bytes (including a zip member
+that fails its CRC-32), pickled Python objects (refused, nothing in them runs), a native file whose
+contents do not match its stored digest, missing or renamed entries, wrong shapes, dtypes or types,
+and non-finite weights or normaliser statistics.
+
+`atomic_save(obj, path)` writes any checkpoint (temporary file, fsync, rename, fsync of the
+directory) and refuses one with non-finite tensors (`first_nonfinite`); a failed write raises
+`CheckpointWriteError` and leaves the previous file at `path` as it was.
 
     python llc.py path/to/llc.pth [more.pth ...] [--ase-config ase_humanoid_hrl.yaml]   # what is inside
 """
 
 import argparse
+import contextlib
 import datetime
+import errno
+import hashlib
+import io
 import math
 import os
 import pickle
+import pickletools
 import re
 import shlex
+import stat
 import sys
-import tempfile
+import warnings
+import zipfile
 from collections.abc import Mapping
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 FORMAT_NAME = "hrl-llc"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a digest of the contents, verified at load; 1 (no digest) still loads
 ARCHS = ("style_cat", "mlp")
 NORM_EPSILON = 1e-5  # rl_games RunningMeanStd: (x - mean) / sqrt(var + 1e-5)
 NORM_CLIP = 5.0  # ... then clamped to [-5, 5]
@@ -46,6 +62,11 @@ ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "selu": nn.SELU, "tanh": nn.Tanh,
 
 class LLCCheckpointError(ValueError):
     """A checkpoint that cannot be used as an LLC; the message names the file and what was wrong."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint that was not written (full disk, read-only or missing directory, permissions, non-finite
+    tensors); the message names the path and the cause. Whatever was at the path before is unchanged."""
 
 
 def make_activation(name):
@@ -341,6 +362,180 @@ def build_llc(obs_dim, latent_dim, action_dim, arch="style_cat", hidden=(1024, 1
 
 
 # ---------------------------------------------------------------------------------------------
+# Checkpoint files: atomic writes, finiteness, digests
+# ---------------------------------------------------------------------------------------------
+def first_nonfinite(obj, where="") -> Optional[str]:
+    """The key path (e.g. 'actor.mu.bias', 'optimizer.state.3.exp_avg', 'losses[2]') of the first
+    floating-point tensor in `obj` (nested dicts, lists and tuples) that holds NaN or inf; None if every
+    tensor is finite. Other values (ints, strings, integer tensors) are never non-finite here."""
+    if torch.is_tensor(obj):
+        if (obj.is_floating_point() or obj.is_complex()) and not bool(torch.isfinite(obj).all()):
+            return where or "(the tensor itself)"
+        return None
+    if isinstance(obj, Mapping):
+        items = ((f"{where}.{key}" if where else str(key), value) for key, value in obj.items())
+    elif isinstance(obj, (list, tuple)):
+        items = ((f"{where}[{i}]", value) for i, value in enumerate(obj))
+    else:
+        return None
+    for item_where, value in items:
+        found = first_nonfinite(value, item_where)
+        if found is not None:
+            return found
+    return None
+
+
+def first_non_directory(folder):
+    """The first existing component of `folder` (from the root down) that is not a directory, or None."""
+    parts = os.path.abspath(folder).split(os.sep)
+    for i in range(2, len(parts) + 1):
+        prefix = os.sep.join(parts[:i])
+        if os.path.lexists(prefix) and not os.path.isdir(prefix):
+            return prefix
+    return None
+
+
+def os_reason(error):
+    """'no space left on device', 'read-only file system', 'permission denied' ... for an OSError."""
+    if error.errno is None:
+        return str(error)
+    text = os.strerror(error.errno)
+    return text[:1].lower() + text[1:]
+
+
+def write_failure(error, folder):
+    """Why a write into `folder` failed, in words that name the cause."""
+    if not isinstance(error, OSError):
+        return f"{type(error).__name__}: {error}"
+    if error.errno in (errno.ENOTDIR, errno.EEXIST):
+        blocking = first_non_directory(folder)
+        if blocking:
+            return f"{blocking} is a file, not a directory"
+    names = [name for name in (error.filename, error.filename2) if name]
+    return os_reason(error) + (f" ({' -> '.join(map(str, names))})" if names else "")
+
+
+def atomic_save(obj, path):
+    """torch.save(obj) to `path` such that `path` always holds a complete file: the previous one or this one.
+
+    The bytes go to `path + ".tmp"` in the same directory (created if needed), which is flushed and
+    fsynced, renamed onto `path` with os.replace (atomic on POSIX), and the directory is fsynced so that
+    the rename survives a power loss. On any failure (full disk, read-only file system, a path under a
+    regular file, permissions) the partial temporary file is removed and CheckpointWriteError names the
+    path and the cause; the previous file at `path` is untouched. An object with a non-finite
+    floating-point tensor is refused before anything is written (see first_nonfinite), so a run that
+    blew up never replaces its last good checkpoint."""
+    path = os.fspath(path)
+    bad = first_nonfinite(obj)
+    if bad is not None:
+        raise CheckpointWriteError(f"{path}: not written: tensor {bad!r} holds NaN or inf; "
+                                   f"whatever was at the path before is kept")
+    buffer = io.BytesIO()
+    try:
+        torch.save(obj, buffer)
+    except Exception as error:
+        raise CheckpointWriteError(f"{path}: not written: the object cannot be serialised: "
+                                   f"{type(error).__name__}: {error}") from error
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp_path = path + ".tmp"
+    opened = False
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(tmp_path, "wb") as f:
+            opened = True
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException as error:  # KeyboardInterrupt too: no partial file is left behind
+        if opened:
+            with contextlib.suppress(OSError):
+                os.remove(tmp_path)
+        if not isinstance(error, Exception):
+            raise
+        raise CheckpointWriteError(f"{path}: not written: {write_failure(error, folder)}; "
+                                   f"whatever was at the path before is kept") from error
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):  # file systems that cannot sync a directory
+            raise CheckpointWriteError(f"{path}: written, but its directory could not be synced to disk: "
+                                       f"{write_failure(error, folder)}") from error
+
+
+DIGEST_ALGORITHM = "sha256"
+DIGEST_SCALARS = (str, int, float, bool, type(None))
+
+
+def native_digest(checkpoint):
+    """{'algorithm': 'sha256', 'tensors': hex, 'values': hex} over everything in a native checkpoint but
+    its 'digest' entry, dict keys in sorted order: 'tensors' hashes each tensor's key path, dtype, shape
+    and bytes; 'values' the structure and every plain value (format, architecture, metadata, ...).
+    Raises TypeError naming the key of a value that is neither a tensor nor a plain value."""
+    tensors, values = hashlib.sha256(), hashlib.sha256()
+
+    def put(tag, payload):
+        values.update(tag + len(payload).to_bytes(8, "little") + payload)
+
+    def feed(value, where):
+        if torch.is_tensor(value):
+            tensor = value.detach().cpu().resolve_conj().contiguous()
+            header = f"{where}\0{tensor.dtype}\0{tuple(tensor.shape)}".encode()
+            tensors.update(len(header).to_bytes(8, "little") + header)
+            tensors.update(tensor.reshape(-1).view(torch.uint8).numpy())
+            put(b"T", where.encode("utf-8", "surrogatepass"))
+        elif value is None:
+            put(b"N", b"")
+        elif isinstance(value, bool):
+            put(b"B", b"1" if value else b"0")
+        elif isinstance(value, int):
+            put(b"I", str(value).encode())
+        elif isinstance(value, float):
+            put(b"F", value.hex().encode())
+        elif isinstance(value, str):
+            put(b"S", value.encode("utf-8", "surrogatepass"))
+        elif isinstance(value, Mapping):
+            put(b"D", str(len(value)).encode())
+            for key in sorted(value, key=repr):
+                if not isinstance(key, DIGEST_SCALARS):
+                    raise TypeError(f"{where or 'the checkpoint'} has a key of type {type(key).__name__}")
+                feed(key, f"{where} key")
+                feed(value[key], f"{where}.{key}" if where else str(key))
+        elif isinstance(value, (list, tuple)):
+            put(b"L" if isinstance(value, list) else b"U", str(len(value)).encode())
+            for i, item in enumerate(value):
+                feed(item, f"{where}[{i}]")
+        else:
+            raise TypeError(f"{where} holds a {type(value).__module__}.{type(value).__name__}, "
+                            f"neither a tensor nor a plain value")
+
+    feed({key: value for key, value in checkpoint.items() if key != "digest"}, "")
+    return {"algorithm": DIGEST_ALGORITHM, "tensors": tensors.hexdigest(), "values": values.hexdigest()}
+
+
+def verify_digest(path, checkpoint):
+    """Raise LLCCheckpointError unless the native checkpoint's contents match its stored 'digest'."""
+    stored = checkpoint.get("digest")
+    if not (isinstance(stored, Mapping) and stored.get("algorithm") == DIGEST_ALGORITHM
+            and isinstance(stored.get("tensors"), str) and isinstance(stored.get("values"), str)):
+        raise LLCCheckpointError(f"{path}: native LLC version {checkpoint.get('version')!r} without a valid "
+                                 f"'digest' entry (found {stored!r:.120}): the file was modified or corrupted")
+    try:
+        actual = native_digest(checkpoint)
+    except TypeError as error:
+        raise LLCCheckpointError(f"{path}: {error}; the native format stores tensors and plain values only") from error
+    if actual["tensors"] != stored["tensors"]:
+        raise LLCCheckpointError(f"{path}: tensors do not match the stored digest: the file was modified or corrupted")
+    if actual["values"] != stored["values"]:
+        raise LLCCheckpointError(f"{path}: the architecture, metadata or other values do not match the stored "
+                                 f"digest: the file was modified or corrupted")
+
+
+# ---------------------------------------------------------------------------------------------
 # Native format
 # ---------------------------------------------------------------------------------------------
 PLAIN_TYPES = (str, int, float, bool, type(None))
@@ -407,7 +602,8 @@ def portable_metadata(value, key=None):
 
 
 def save_llc(path, model, metadata):
-    """Write `model` (a LowLevelController) in the native format, atomically.
+    """Write `model` (a LowLevelController) in the native format with a digest of its contents, via
+    atomic_save (so a failed write raises CheckpointWriteError and keeps the previous file).
 
     metadata: plain values describing how the LLC was made, e.g. robot, control_dt, pd (gains,
     action scale), command, seed, steps, wall_time_s, hardware.
@@ -431,48 +627,139 @@ def save_llc(path, model, metadata):
             "weights": cpu_state(model.discriminator),
             "amp_normalizer": cpu_state(model.amp_normalizer) if model.amp_normalizer is not None else None,
         }
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    # write next to the target, then rename: a crash never leaves a half-written checkpoint at `path`
-    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    checkpoint["digest"] = native_digest(checkpoint)
+    atomic_save(checkpoint, path)
+
+
+def entry_name(keys):
+    """('discriminator', 'weights', 'trunk.0.weight') -> "discriminator['weights']['trunk.0.weight']"."""
+    return str(keys[0]) + "".join(f"[{key!r}]" for key in keys[1:])
+
+
+def describe_value(value):
+    """A short description of a value found in a checkpoint, for messages: the value itself when it is a
+    plain scalar or a short list of them, else its type."""
+    short_list = isinstance(value, (list, tuple)) and len(value) <= 8 and all(isinstance(v, PLAIN_TYPES) for v in value)
+    if isinstance(value, PLAIN_TYPES) or short_list:
+        return f"{value!r:.60}"
+    return f"a {type(value).__name__}"
+
+
+def check_config(path, config, where, int_keys, int_list_keys):
+    """Raise LLCCheckpointError naming the entry unless config[int_keys] are positive integers,
+    config[int_list_keys] lists of positive integers and config['activation'] a supported name."""
+    for key in int_keys:
+        value = config.get(key)
+        if type(value) is not int or value < 1:
+            raise LLCCheckpointError(f"{path}: {where}[{key!r}] is {describe_value(value)}, expected a positive integer")
+    for key in int_list_keys:
+        value = config.get(key)
+        if not isinstance(value, (list, tuple)) or any(type(unit) is not int or unit < 1 for unit in value):
+            raise LLCCheckpointError(f"{path}: {where}[{key!r}] is {describe_value(value)}, expected a list of "
+                                     f"positive integers (layer sizes)")
+    if config.get("activation") not in ACTIVATIONS:
+        raise LLCCheckpointError(f"{path}: {where}['activation'] is {describe_value(config.get('activation'))}, "
+                                 f"expected one of {sorted(ACTIVATIONS)}")
+
+
+def build_checked(path, arch, disc_config, state, name_of, exact_dtype):
+    """LowLevelController(arch, disc_config) loaded with `state` (its state-dict keys -> values read from the
+    file). First, on a meta-device model that allocates nothing, every entry is checked to be there, expected,
+    a tensor of the right shape and dtype (floating point at least), finite, and normaliser variances >= 0;
+    name_of(key) names an entry as it is in the file, for the message."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+        with torch.device("meta"):
+            expected = LowLevelController(arch, disc_config).state_dict()
+    except (RuntimeError, ValueError, TypeError, OverflowError) as error:
+        raise LLCCheckpointError(f"{path}: the architecture {dict(arch)} cannot be built: {error}") from error
+
+    def names(keys):
+        return ", ".join(map(name_of, keys[:5])) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+    unexpected = [key for key in state if key not in expected]
+    if unexpected:
+        verb = "is not a tensor" if len(unexpected) == 1 else "are not tensors"
+        raise LLCCheckpointError(f"{path}: {names(unexpected)} {verb} of the architecture {dict(arch)} "
+                                 f"(renamed, or from another network?)")
+    missing = [key for key in expected if key not in state]
+    if missing:
+        raise LLCCheckpointError(f"{path}: {names(missing)} {'is' if len(missing) == 1 else 'are'} missing")
+    for key, want in expected.items():
+        value = state[key]
+        if not torch.is_tensor(value):
+            raise LLCCheckpointError(f"{path}: {name_of(key)} is {describe_value(value)}, expected a tensor of "
+                                     f"shape {tuple(want.shape)}")
+        if value.shape != want.shape:
+            raise LLCCheckpointError(f"{path}: {name_of(key)} has shape {tuple(value.shape)}, the architecture "
+                                     f"needs {tuple(want.shape)}")
+        if not value.is_floating_point() or (exact_dtype and value.dtype != want.dtype):
+            raise LLCCheckpointError(f"{path}: {name_of(key)} has dtype {value.dtype}, expected {want.dtype}")
+        if not value.is_contiguous():  # torch.save keeps strides: a parameter's are a contiguous tensor's
+            raise LLCCheckpointError(f"{path}: {name_of(key)} has strides {value.stride()}, not those of a contiguous "
+                                     f"tensor: the file is damaged")
+    bad = first_nonfinite(state)
+    if bad is not None:
+        raise LLCCheckpointError(f"{path}: {name_of(bad)} holds non-finite values (NaN or inf)")
+    negative = [key for key in state if key.endswith("running_var") and bool((state[key] < 0).any())]
+    if negative:
+        raise LLCCheckpointError(f"{path}: {name_of(negative[0])} has negative variances")
+    model = LowLevelController(arch, disc_config)
+    model.load_state_dict(state)
+    return model
 
 
 def load_native(path, checkpoint):
+    """A native checkpoint -> LowLevelController. Version 2 files store a digest of their contents
+    (native_digest), verified here before anything else; version 1 files, written before the digest
+    existed (such as older copies of the shipped LLCs), have none and still load, with every other check
+    (structure, shapes, dtypes, finiteness) applied."""
     version = checkpoint.get("version")
-    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+    if type(version) is not int or not 1 <= version <= FORMAT_VERSION:
         raise LLCCheckpointError(f"{path}: native LLC format version {version!r}; this llc.py reads versions "
                                  f"1..{FORMAT_VERSION} (a newer file needs a newer llc.py)")
+    if version >= 2 or "digest" in checkpoint:
+        verify_digest(path, checkpoint)
     arch = checkpoint.get("arch")
     if not isinstance(arch, Mapping) or arch.get("name") not in ARCHS:
         found = arch.get("name") if isinstance(arch, Mapping) else arch
-        raise LLCCheckpointError(f"{path}: architecture {found!r} is not one of {ARCHS}")
+        raise LLCCheckpointError(f"{path}: architecture {describe_value(found)} is not one of {ARCHS}")
+    style = ("style_dim",) if arch["name"] == "style_cat" else ()
+    check_config(path, arch, "arch", ("obs_dim", "latent_dim", "action_dim", *style),
+                 ("hidden", "style_hidden") if style else ("hidden",))
+    parts = {"actor": ("actor",), "obs_normalizer": ("obs_normalizer",)}
     disc = checkpoint.get("discriminator")
-    try:
-        disc_config = None
-        if disc is not None:
-            disc_config = {key: disc[key] for key in ("amp_obs_dim", "hidden", "activation")}
-            disc_config["normalize_amp_obs"] = disc.get("amp_normalizer") is not None
-        model = LowLevelController(arch, disc_config)
-        model.actor.load_state_dict(checkpoint["actor"])
-        model.obs_normalizer.load_state_dict(checkpoint["obs_normalizer"])
-        if disc is not None:
-            model.discriminator.load_state_dict(disc["weights"])
-            if model.amp_normalizer is not None:
-                model.amp_normalizer.load_state_dict(disc["amp_normalizer"])
-    except (KeyError, RuntimeError, ValueError, TypeError) as error:
-        raise LLCCheckpointError(f"{path}: native LLC checkpoint is inconsistent with its architecture "
-                                 f"{dict(arch)}: {error}") from error
-    model.metadata = dict(checkpoint.get("metadata") or {})
+    disc_config = None
+    if disc is not None:
+        if not isinstance(disc, Mapping):
+            raise LLCCheckpointError(f"{path}: 'discriminator' is {describe_value(disc)}, expected a dict or None")
+        disc_config = {key: disc.get(key) for key in ("amp_obs_dim", "hidden", "activation")}
+        check_config(path, disc_config, "discriminator", ("amp_obs_dim",), ("hidden",))
+        disc_config["normalize_amp_obs"] = disc.get("amp_normalizer") is not None
+        parts["discriminator"] = ("discriminator", "weights")
+        if disc_config["normalize_amp_obs"]:
+            parts["amp_normalizer"] = ("discriminator", "amp_normalizer")
+    state = {}
+    for prefix, keys in parts.items():
+        part = checkpoint
+        for key in keys:
+            part = part.get(key)
+        if not isinstance(part, Mapping):
+            raise LLCCheckpointError(f"{path}: {entry_name(keys)} is {describe_value(part)}, expected a dict of tensors")
+        for key, value in part.items():
+            if not isinstance(key, str):
+                raise LLCCheckpointError(f"{path}: {entry_name(keys)} has a key {key!r} of type {type(key).__name__}, "
+                                         f"expected str")
+            state[f"{prefix}.{key}"] = value
+
+    def name_of(key):
+        prefix, _, rest = key.partition(".")
+        return entry_name((*parts[prefix], rest))
+
+    model = build_checked(path, arch, disc_config, state, name_of, exact_dtype=True)
+    metadata = checkpoint.get("metadata")
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise LLCCheckpointError(f"{path}: 'metadata' is {describe_value(metadata)}, expected a dict")
+    model.metadata = dict(metadata or {})
     return model
 
 
@@ -494,11 +781,22 @@ LAYOUTS_TRIED = ("native 'hrl-llc' (top-level 'format'), "
                  "'running_mean_std'), rl_games >= 1.3 ASE LLC (the same with 'running_mean_std.*' inside 'model')")
 
 
+def tensor_at(path, state, key, where, ndim):
+    """state[key], checked to be a tensor with `ndim` dimensions; `where` names `state` in the message."""
+    value = state[key]
+    if not torch.is_tensor(value):
+        raise LLCCheckpointError(f"{path}: {entry_name((where, key))} is {describe_value(value)}, expected a tensor")
+    if value.dim() != ndim:
+        raise LLCCheckpointError(f"{path}: {entry_name((where, key))} has shape {tuple(value.shape)}, expected a "
+                                 f"{ndim}-D tensor")
+    return value
+
+
 def linear_chain(path, model_state, prefix):
     """Weights of the Linear layers '{prefix}{i}.weight' in index order, checked to chain."""
-    indices = sorted(int(key[len(prefix):].split(".")[0]) for key in model_state
-                     if key.startswith(prefix) and key.endswith(".weight"))
-    weights = [model_state[f"{prefix}{i}.weight"] for i in indices]
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.weight")
+    indices = sorted(int(match[1]) for match in map(pattern.fullmatch, model_state) if match)
+    weights = [tensor_at(path, model_state, f"{prefix}{i}.weight", "model", ndim=2) for i in indices]
     for i, (prev, curr) in enumerate(zip(weights[:-1], weights[1:])):
         if curr.shape[1] != prev.shape[0]:
             raise LLCCheckpointError(f"{path}: layer {prefix}{indices[i + 1]}.weight has {curr.shape[1]} inputs but "
@@ -506,13 +804,15 @@ def linear_chain(path, model_state, prefix):
     return weights
 
 
-def read_normalizer(path, state, prefix, what):
-    """{running_mean, running_var, count} from keys '{prefix}running_mean', ... or None if absent."""
+def read_normalizer(path, state, prefix, what, where):
+    """{running_mean, running_var, count} from keys '{prefix}running_mean', ... or None if absent;
+    `where` names `state` in messages ('model', 'running_mean_std', ...)."""
     if f"{prefix}running_mean" not in state:
         return None
     missing = [k for k in NORMALIZER_KEYS if f"{prefix}{k}" not in state]
     if missing:
-        raise LLCCheckpointError(f"{path}: {what} normaliser '{prefix}' lacks {missing}")
+        raise LLCCheckpointError(f"{path}: {what} normaliser '{where}' lacks {[prefix + k for k in missing]}")
+    tensor_at(path, state, f"{prefix}running_mean", where, ndim=1)
     return {k: state[f"{prefix}{k}"] for k in NORMALIZER_KEYS}
 
 
@@ -554,6 +854,9 @@ ASE_REQUIRED = (f"{ASE_ACTOR}_style_mlp.0.weight", f"{ASE_ACTOR}_style_dense.wei
 
 def load_rl_games(path, checkpoint, ase_config=None):
     model_state = checkpoint["model"]
+    odd_key = next((key for key in model_state if not isinstance(key, str)), None)
+    if odd_key is not None:
+        raise LLCCheckpointError(f"{path}: 'model' has a key {odd_key!r} of type {type(odd_key).__name__}, expected str")
     missing = [key for key in ASE_REQUIRED if key not in model_state]
     if len(missing) == len(ASE_REQUIRED) or f"{ASE_ACTOR}_style_mlp.0.weight" in missing:
         hint = ""
@@ -569,15 +872,20 @@ def load_rl_games(path, checkpoint, ase_config=None):
 
     style_layers = linear_chain(path, model_state, f"{ASE_ACTOR}_style_mlp.")
     dense_layers = linear_chain(path, model_state, f"{ASE_ACTOR}_dense_layers.")
-    style_dense = model_state[f"{ASE_ACTOR}_style_dense.weight"]
-    mu = model_state["a2c_network.mu.weight"]
+    style_dense = tensor_at(path, model_state, f"{ASE_ACTOR}_style_dense.weight", "model", ndim=2)
+    mu = tensor_at(path, model_state, "a2c_network.mu.weight", "model", ndim=2)
     style_dim = style_dense.shape[0]
     latent_dim = style_layers[0].shape[1]
     obs_dim = dense_layers[0].shape[1] - style_dim
+    if obs_dim < 1:
+        raise LLCCheckpointError(f"{path}: {ASE_ACTOR}_dense_layers.0.weight has {dense_layers[0].shape[1]} inputs, "
+                                 f"no more than the style size {style_dim}: no room for an observation")
     layout = "rl_games >= 1.3" if "running_mean_std.running_mean" in model_state else "rl_games 1.1"
-    obs_norm = read_normalizer(path, model_state, "running_mean_std.", "observation")
+    obs_norm = read_normalizer(path, model_state, "running_mean_std.", "observation", "model")
+    obs_norm_where = "model['running_mean_std.{}']"
     if obs_norm is None and isinstance(checkpoint.get("running_mean_std"), Mapping):
-        obs_norm = read_normalizer(path, checkpoint["running_mean_std"], "", "observation")
+        obs_norm = read_normalizer(path, checkpoint["running_mean_std"], "", "observation", "running_mean_std")
+        obs_norm_where = "running_mean_std['{}']"
     if obs_norm is None:
         raise LLCCheckpointError(f"{path}: no observation normaliser: neither top-level 'running_mean_std' "
                                  f"(rl_games 1.1) nor 'model' keys 'running_mean_std.*' (rl_games >= 1.3); "
@@ -604,12 +912,18 @@ def load_rl_games(path, checkpoint, ase_config=None):
 
     disc_config = None
     amp_norm = None
-    if "a2c_network._disc_mlp.0.weight" in model_state and "a2c_network._disc_logits.weight" in model_state:
+    disc_halves = ["a2c_network._disc_mlp.0.weight", "a2c_network._disc_logits.weight"]
+    present = [key for key in disc_halves if key in model_state]
+    if len(present) == 1:
+        raise LLCCheckpointError(f"{path}: 'model' has {present[0]} but not {(set(disc_halves) - set(present)).pop()}: "
+                                 f"half a discriminator (a damaged or renamed entry)")
+    if present:
         disc_layers = linear_chain(path, model_state, "a2c_network._disc_mlp.")
         amp_obs_dim = disc_layers[0].shape[1]
         # ASE and IsaacGymEnvs keep the AMP normaliser at the top level in both rl_games layouts
         if isinstance(checkpoint.get("amp_input_mean_std"), Mapping):
-            amp_norm = read_normalizer(path, checkpoint["amp_input_mean_std"], "", "AMP observation")
+            amp_norm = read_normalizer(path, checkpoint["amp_input_mean_std"], "", "AMP observation",
+                                       "amp_input_mean_std")
         if amp_norm is not None and amp_norm["running_mean"].shape[0] != amp_obs_dim:
             raise LLCCheckpointError(f"{path}: amp_input_mean_std has size {amp_norm['running_mean'].shape[0]} but "
                                      f"the discriminator takes {amp_obs_dim} AMP observation entries")
@@ -625,12 +939,17 @@ def load_rl_games(path, checkpoint, ase_config=None):
     state.update({f"obs_normalizer.{k}": v for k, v in obs_norm.items()})
     if amp_norm is not None:
         state.update({f"amp_normalizer.{k}": v for k, v in amp_norm.items()})
-    try:
-        model = LowLevelController(arch, disc_config)
-        model.load_state_dict(state)
-    except (RuntimeError, ValueError) as error:
-        raise LLCCheckpointError(f"{path}: ASE LLC weights do not fit the architecture inferred from them "
-                                 f"({arch}): {error}") from error
+
+    def name_of(key):  # our state-dict key -> the entry in the ASE file
+        prefix, _, rest = key.partition(".")
+        if prefix == "obs_normalizer":
+            return obs_norm_where.format(rest)
+        if prefix == "amp_normalizer":
+            return f"amp_input_mean_std[{rest!r}]"
+        ase_prefix = next(ase for ase, ours in ASE_RENAMES.items() if key.startswith(ours))
+        return f"model[{ase_prefix + key[len(ASE_RENAMES[ase_prefix]):]!r}]"
+
+    model = build_checked(path, arch, disc_config, state, name_of, exact_dtype=False)
     model.metadata = {"rl_games_layout": layout}
     for key in ("epoch", "frame"):
         if isinstance(checkpoint.get(key), (int, float)):
@@ -655,40 +974,170 @@ def numpy_scalar_globals():
             *dtype_classes]
 
 
-def read_checkpoint(path):
-    """torch.load with weights_only=True, turning every failure into an LLCCheckpointError."""
-    if not os.path.exists(path):
-        raise LLCCheckpointError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise LLCCheckpointError(f"{path}: is a directory, expected a checkpoint file")
+STRING_OPS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8"}
+GLOBAL_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+# what torch.save itself and rl_games' numpy scalars refer to: not "pickled Python objects" in a message
+CHECKPOINT_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode", "numpy.core.multiarray.scalar",
+                      "numpy._core.multiarray.scalar", "numpy.dtype")
+
+
+def pickle_globals(stream):
+    """('module.name' of every global one pickle refers to, whether it ended cleanly), read from `stream`
+    with pickletools: nothing is imported or run. Stops at the pickle's end or its first damaged byte."""
+    names, recent, memo = [], [None, None], {}  # recent: the last two values pushed, when they are strings
     try:
-        with torch.serialization.safe_globals(numpy_scalar_globals()):
+        for op, arg, _ in pickletools.genops(stream):
+            if op.name in ("GLOBAL", "INST"):
+                names.append(arg.replace(" ", "."))
+            elif op.name == "STACK_GLOBAL":
+                names.append(".".join(str(part) for part in recent))
+                recent = [None, None]
+            if op.name in STRING_OPS:
+                recent = [recent[1], arg]
+            elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                recent = [recent[1], memo.get(arg)]
+            elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[arg] = recent[1]
+            elif op.name == "MEMOIZE":
+                memo[len(memo)] = recent[1]
+            elif op.stack_after and op.name not in ("GLOBAL", "STACK_GLOBAL"):
+                recent = [recent[1], None]
+    except Exception:  # not (or no more) pickle data
+        return names, False
+    return names, True
+
+
+def pickled_globals(path):
+    """'module.name' of every global the pickles in `path` refer to: those in a torch.save zip, or the
+    pickles at the start of a legacy file (several in a row, then raw storages)."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                streams = [archive.read(name) for name in archive.namelist() if name.endswith(".pkl")]
+        else:
+            with open(path, "rb") as f:
+                streams = [f.read()]
+    except Exception:  # unreadable: nothing to report
+        return []
+    names = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pickletools on damaged string escapes
+        for data in streams:
+            stream = io.BytesIO(data)
+            for _ in range(8):
+                found, complete = pickle_globals(stream)
+                names += found
+                if not complete or stream.tell() >= len(data):
+                    break
+    return [name for name in names if GLOBAL_NAME.fullmatch(name)]
+
+
+def refused_objects(path, error):
+    """The Python objects (module.name) that made weights_only loading refuse `path`, or [] when the
+    refusal was about corrupt bytes rather than pickled objects."""
+    named = re.findall(r"GLOBAL ([\w.]+)", str(error))
+    if named:
+        return named[:1]
+    return [name for name in pickled_globals(path) if not name.startswith(CHECKPOINT_GLOBALS)][:3]
+
+
+def corrupt(path, detail):
+    return LLCCheckpointError(f"{path}: not a readable torch checkpoint: the file is corrupt (truncated, damaged, "
+                              f"random bytes, or not written by torch.save): {detail}")
+
+
+def check_zip_members(path):
+    """A torch.save zip whose members fail their CRC-32 was damaged after it was written: refuse it."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return  # a legacy (pre-zip) torch file, or not a torch file at all: torch.load decides
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except Exception as error:  # BadZipFile, zlib.error, EOFError, NotImplementedError, ...
+        raise corrupt(path, f"a damaged zip archive ({type(error).__name__}: {error})") from error
+    if bad is not None:
+        raise corrupt(path, f"the zip member {bad!r} fails its CRC-32 check")
+
+
+def read_checkpoint(path):
+    """torch.load(path, weights_only=True) on the CPU, every failure turned into an LLCCheckpointError that
+    names the file: it does not exist, is a directory or not a regular file, cannot be read, is corrupt
+    (truncated, random bytes, a zip member failing its CRC-32), or holds pickled Python objects, which are
+    refused without running anything in them."""
+    path = os.fspath(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError as error:
+        raise LLCCheckpointError(f"{path}: does not exist (no such file or directory)") from error
+    except OSError as error:
+        raise LLCCheckpointError(f"{path}: cannot be read: {os_reason(error)}") from error
+    if stat.S_ISDIR(mode):
+        raise LLCCheckpointError(f"{path}: is a directory, expected a checkpoint file")
+    if not stat.S_ISREG(mode):
+        raise LLCCheckpointError(f"{path}: is not a regular file (a pipe, socket or device), expected a checkpoint file")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise LLCCheckpointError(f"{path}: cannot be read: {os_reason(error)}") from error
+    check_zip_members(path)
+    try:
+        with warnings.catch_warnings(), torch.serialization.safe_globals(numpy_scalar_globals()):
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        refused = refused_objects(path, error)
         if refused:
+            module, _, name = refused[0].rpartition(".")
+            # looked up without importing or calling anything: only modules this process already has
+            exists = module in sys.modules and name in vars(sys.modules[module])
+            damaged = "" if exists else (f" (or is corrupt: {refused[0]} does not exist here, so the name itself may be "
+                                         f"damaged)")
             raise LLCCheckpointError(
-                f"{path}: holds pickled Python objects ({refused.group(1)}), not only tensors and plain values; "
-                f"LLC checkpoints are read with torch.load(weights_only=True) and arbitrary objects are never "
-                f"unpickled. Re-save the state dicts as plain dicts of tensors.") from error
-        raise LLCCheckpointError(f"{path}: not a torch checkpoint (random or corrupt bytes: it is neither a "
-                                 f"torch.save zip nor a readable pickle)") from error
+                f"{path}: holds pickled Python objects ({', '.join(refused)}), not only tensors and plain values"
+                f"{damaged}; checkpoints are read with torch.load(weights_only=True), so it is refused and nothing in "
+                f"it was run. Re-save the state dicts as plain dicts of tensors.") from error
+        raise corrupt(path, "neither a torch.save zip nor a readable pickle") from error
     except Exception as error:  # zip errors, truncated files, random bytes: torch raises many kinds
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise LLCCheckpointError(f"{path}: not a readable torch checkpoint (file truncated or not written by "
-                                 f"torch.save): {type(error).__name__}: {first_line}") from error
+        raise corrupt(path, f"{type(error).__name__}: {first_line}") from error
 
 
-def load_llc(path, device="cpu", ase_config=None):
-    """Load a frozen LLC from a native or an ASE/rl_games checkpoint; ase_config: optional ASE LLC yaml."""
-    path = os.fspath(path)
-    checkpoint = read_checkpoint(path)
+def check_storages_used(path, checkpoint):
+    """torch.save writes the data of each storage its tensors use, and no other: a data record that no
+    tensor uses means a tensor was pointed at another one's data (a damaged storage reference)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = sum(1 for name in archive.namelist() if re.search(r"/data/\d+$", name))
+    except (zipfile.BadZipFile, OSError):
+        return  # a legacy file: its storages are inline, there is nothing to count
+    storages = set()
+
+    def collect(value):
+        if torch.is_tensor(value):
+            storages.add(value.untyped_storage()._cdata)
+        elif isinstance(value, (torch.UntypedStorage, torch.TypedStorage)):
+            storages.add(value._cdata)
+        elif isinstance(value, Mapping):
+            for item in value.values():
+                collect(item)
+        elif isinstance(value, (list, tuple, set)):
+            for item in value:
+                collect(item)
+
+    collect(checkpoint)
+    if len(storages) < records:
+        raise corrupt(path, f"{records - len(storages)} of its {records} tensor data records are used by no tensor "
+                            f"(a damaged storage reference)")
+
+
+def llc_from_checkpoint(path, checkpoint, ase_config):
     if not isinstance(checkpoint, Mapping):
         raise LLCCheckpointError(f"{path}: holds a {type(checkpoint).__name__}, expected a dict checkpoint. "
                                  f"Layouts tried: {LAYOUTS_TRIED}")
     if "format" in checkpoint:
         if checkpoint["format"] != FORMAT_NAME:
-            raise LLCCheckpointError(f"{path}: format {checkpoint['format']!r}, expected {FORMAT_NAME!r}")
+            raise LLCCheckpointError(f"{path}: format {describe_value(checkpoint['format'])}, expected {FORMAT_NAME!r}")
         model = load_native(path, checkpoint)
         model.source_format = "native"
         if ase_config is not None:
@@ -702,6 +1151,23 @@ def load_llc(path, device="cpu", ase_config=None):
     else:
         raise LLCCheckpointError(f"{path}: unknown checkpoint layout. Top-level keys: "
                                  f"{sorted(map(str, checkpoint))}. Layouts tried: {LAYOUTS_TRIED}")
+    return model
+
+
+def load_llc(path, device="cpu", ase_config=None):
+    """Load a frozen LLC from a native or an ASE/rl_games checkpoint; ase_config: optional ASE LLC yaml.
+    Any checkpoint that cannot be used raises LLCCheckpointError naming the file (see read_checkpoint,
+    load_native, build_checked); its weights and normaliser statistics are checked to be finite."""
+    path = os.fspath(path)
+    checkpoint = read_checkpoint(path)
+    try:
+        check_storages_used(path, checkpoint)
+        model = llc_from_checkpoint(path, checkpoint, ase_config)
+    except LLCCheckpointError:
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError, RuntimeError, OverflowError) as error:
+        # a structure no check above foresaw: still the file's fault, said as such
+        raise LLCCheckpointError(f"{path}: malformed LLC checkpoint: {type(error).__name__}: {error}") from error
     model.source_path = path
     return model.to(device).freeze()
 

@@ -4,11 +4,18 @@ The ASE checkpoints are synthetic: random tensors under the exact rl_games key l
 action is compared against a re-computation from the raw tensors written here, not through llc.py.
 """
 
+import contextlib
+import errno
 import math
 import os
 import pathlib
+import pickle
+import shutil
+import struct
 import subprocess
 import sys
+import tempfile
+import zipfile
 from collections import OrderedDict
 
 import numpy as np
@@ -17,7 +24,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from llc import LLCCheckpointError, LowLevelController, RunningMeanStd, build_llc, load_llc, save_llc  # noqa: E402
+import llc as llc_module  # noqa: E402
+from llc import (CheckpointWriteError, LLCCheckpointError, LowLevelController, RunningMeanStd, atomic_save,  # noqa: E402
+                 build_llc, first_nonfinite, load_llc, native_digest, save_llc)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMALL = dict(obs_dim=12, latent_dim=8, action_dim=5, amp_obs_dim=10, units=(32, 32, 16), style_units=(16, 8),
@@ -295,7 +304,7 @@ def test_native_round_trip_is_bit_exact(tmp_path, arch, disc):
     save_llc(path, model, METADATA)
     assert os.listdir(tmp_path) == ["llc.pt"], "the temporary file must be renamed, not left behind"
     raw = torch.load(path, weights_only=True)
-    assert raw["format"] == "hrl-llc" and raw["version"] == 1 and raw["arch"]["name"] == arch
+    assert raw["format"] == "hrl-llc" and raw["version"] == 2 and raw["arch"]["name"] == arch
     assert raw["arch"]["hidden"] == [32, 16] and raw["arch"]["obs_dim"] == 12
     assert "z / |z|" in raw["arch"]["latent_input"]
 
@@ -434,7 +443,7 @@ def test_native_newer_version_is_refused(tmp_path):
 # Errors
 # ---------------------------------------------------------------------------------------------
 def test_missing_file(tmp_path):
-    with pytest.raises(LLCCheckpointError, match=r"nope\.pth: no such file"):
+    with pytest.raises(LLCCheckpointError, match=r"nope\.pth: does not exist"):
         load_llc(tmp_path / "nope.pth")
 
 
@@ -470,6 +479,45 @@ def test_arbitrary_pickled_objects_are_never_unpickled(tmp_path):
     with pytest.raises(LLCCheckpointError, match=r"trap\.pth: holds pickled Python objects"):
         load_llc(tmp_path / "trap.pth")
     assert not marker.exists()
+
+
+class RunsShell:
+    """Unpickling this would run a shell command that creates a file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("how", ["torch.save", "pickle protocol 0", "pickle protocol 2", "pickle protocol 4"])
+def test_pickle_that_would_run_code_is_refused_and_nothing_runs(tmp_path, how):
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.pt"
+    payload = {"format": "hrl-llc", "version": 2, "actor": RunsShell(marker)}
+    if how == "torch.save":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload, protocol=int(how[-1])))
+    with pytest.raises(LLCCheckpointError) as error:
+        load_llc(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: holds pickled Python objects (") and "system" in message, message
+    assert "corrupt" not in message and "nothing in it was run" in message
+    assert not marker.exists()
+
+
+def test_directory_fifo_and_unreadable_paths_say_what_they_are(tmp_path):
+    (tmp_path / "llc_dir").mkdir()
+    with pytest.raises(LLCCheckpointError, match=r"llc_dir: is a directory"):
+        load_llc(tmp_path / "llc_dir")
+    os.mkfifo(tmp_path / "pipe.pt")  # torch.load would wait on it forever
+    with pytest.raises(LLCCheckpointError, match=r"pipe\.pt: is not a regular file"):
+        load_llc(tmp_path / "pipe.pt")
+    (tmp_path / "link.pt").symlink_to(tmp_path / "gone.pt")
+    with pytest.raises(LLCCheckpointError, match=r"link\.pt: does not exist"):
+        load_llc(tmp_path / "link.pt")
 
 
 def test_unknown_layouts_name_the_keys(tmp_path):
@@ -512,6 +560,225 @@ def test_inconsistent_ase_checkpoints(tmp_path):
         load_llc(tmp_path / "no_norm.pth")
 
 
+def resave(tmp_path, name, checkpoint, digest=True):
+    """torch.save a (possibly edited) checkpoint; native ones get a fresh digest when `digest`."""
+    if digest and "digest" in checkpoint:
+        checkpoint["digest"] = native_digest(checkpoint)
+    path = tmp_path / name
+    torch.save(checkpoint, path)
+    return path
+
+
+def native_checkpoint(tmp_path, arch="style_cat", **kwargs):
+    path = tmp_path / "native.pt"
+    save_llc(path, trained_llc(arch, **kwargs), METADATA)
+    return torch.load(path, weights_only=True)
+
+
+def test_native_digest_detects_changed_tensors_and_values(tmp_path):
+    checkpoint = native_checkpoint(tmp_path)
+    assert checkpoint["digest"] == native_digest(checkpoint) and checkpoint["digest"]["algorithm"] == "sha256"
+    weight = checkpoint["actor"]["mu.weight"]
+    weight[0, 0] = torch.nextafter(weight[0, 0], torch.tensor(1.0))  # one bit of one weight
+    with pytest.raises(LLCCheckpointError, match=r"one_bit\.pt: tensors do not match the stored digest: the file was "
+                                                 r"modified or corrupted"):
+        load_llc(resave(tmp_path, "one_bit.pt", checkpoint, digest=False))
+
+    checkpoint = native_checkpoint(tmp_path)
+    checkpoint["metadata"]["control_dt"] = 0.03
+    with pytest.raises(LLCCheckpointError, match=r"meta\.pt: the architecture, metadata .* do not match the stored digest"):
+        load_llc(resave(tmp_path, "meta.pt", checkpoint, digest=False))
+
+    checkpoint = native_checkpoint(tmp_path)
+    del checkpoint["digest"]
+    with pytest.raises(LLCCheckpointError, match=r"no_digest\.pt: native LLC version 2 without a valid 'digest'"):
+        load_llc(resave(tmp_path, "no_digest.pt", checkpoint))
+
+
+def test_native_version_1_without_digest_still_loads(tmp_path):
+    """Files written before the digest existed (version 1) load, with every other check."""
+    model = trained_llc("style_cat")
+    checkpoint = native_checkpoint(tmp_path)
+    del checkpoint["digest"]
+    checkpoint["version"] = 1
+    loaded = load_llc(resave(tmp_path, "v1.pt", checkpoint))
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    checkpoint["actor"]["mu.bias"][1] = float("nan")
+    with pytest.raises(LLCCheckpointError, match=r"v1_nan\.pt: actor\['mu\.bias'\] holds non-finite values"):
+        load_llc(resave(tmp_path, "v1_nan.pt", checkpoint))
+
+
+def test_shipped_native_checkpoints_carry_a_valid_digest():
+    for path in [REPO_ROOT / "checkpoints" / "llc_ant.pt", REPO_ROOT / "checkpoints" / "wip" / "llc_humanoid_part1.pt"]:
+        checkpoint = torch.load(path, weights_only=True)
+        assert checkpoint["version"] == 2 and checkpoint["digest"] == native_digest(checkpoint), path
+        load_llc(path)
+
+
+@pytest.mark.parametrize("where,value,message", [
+    ("actor/mu.bias", float("nan"), r"actor\['mu\.bias'\] holds non-finite values"),
+    ("actor/style_mlp.0.weight", float("inf"), r"actor\['style_mlp\.0\.weight'\] holds non-finite values"),
+    ("obs_normalizer/running_var", float("-inf"), r"obs_normalizer\['running_var'\] holds non-finite values"),
+    ("obs_normalizer/running_mean", float("nan"), r"obs_normalizer\['running_mean'\] holds non-finite values"),
+    ("obs_normalizer/running_var", -1.0, r"obs_normalizer\['running_var'\] has negative variances"),
+    ("discriminator/weights/logits.bias", float("nan"), r"discriminator\['weights'\]\['logits\.bias'\] holds non-finite"),
+    ("discriminator/amp_normalizer/running_mean", float("inf"),
+     r"discriminator\['amp_normalizer'\]\['running_mean'\] holds non-finite"),
+])
+def test_native_nonfinite_weights_and_statistics_are_refused(tmp_path, where, value, message):
+    """Even with a digest that matches (a blown-up model saved as it was), a non-finite LLC never loads."""
+    checkpoint = native_checkpoint(tmp_path, amp_obs_dim=10, disc_hidden=(16, 8))
+    *keys, leaf = where.split("/")
+    part = checkpoint
+    for key in keys:
+        part = part[key]
+    part[leaf].view(-1)[0] = value
+    with pytest.raises(LLCCheckpointError, match=r"bad\.pt: " + message):
+        load_llc(resave(tmp_path, "bad.pt", checkpoint))
+
+
+@pytest.mark.parametrize("layout,key,message", [
+    ("1.1", "model/a2c_network.mu.bias", r"model\['a2c_network\.mu\.bias'\] holds non-finite values"),
+    ("1.1", "model/a2c_network.actor_mlp._style_dense.weight",
+     r"model\['a2c_network\.actor_mlp\._style_dense\.weight'\] holds non-finite"),
+    ("1.1", "running_mean_std/running_var", r"running_mean_std\['running_var'\] holds non-finite values"),
+    ("1.3", "model/running_mean_std.running_mean", r"model\['running_mean_std\.running_mean'\] holds non-finite"),
+    ("1.1", "amp_input_mean_std/running_var", r"amp_input_mean_std\['running_var'\] holds non-finite values"),
+])
+def test_ase_nonfinite_weights_and_statistics_are_refused(tmp_path, layout, key, message):
+    checkpoint = ase_llc_checkpoint(**SMALL, layout=layout)
+    part, leaf = key.split("/")
+    checkpoint[part][leaf].view(-1)[-1] = float("nan")
+    with pytest.raises(LLCCheckpointError, match=r"ase_nan\.pth: " + message):
+        load_llc(resave(tmp_path, "ase_nan.pth", checkpoint))
+
+
+def test_ase_nonfinite_entries_the_llc_does_not_use_are_ignored(tmp_path):
+    checkpoint = ase_llc_checkpoint(**SMALL)
+    checkpoint["model"]["a2c_network.value.bias"][0] = float("nan")  # the critic: not part of the LLC
+    load_llc(resave(tmp_path, "critic_nan.pth", checkpoint))
+
+
+def edit(checkpoint, where, action):
+    """Apply one edit to the entry at `where` ('actor/mu.weight'): del, rename, or a new value."""
+    *keys, leaf = where.split("/")
+    part = checkpoint
+    for key in keys:
+        part = part[key]
+    if action == "del":
+        del part[leaf]
+    elif action == "rename":
+        part[leaf + "_renamed"] = part.pop(leaf)
+    else:
+        part[leaf] = action(part[leaf])
+
+
+NATIVE_MALFORMED = [  # every edit keeps a valid digest: what is checked is the structure
+    ("actor/mu.weight", lambda w: w[:, :-1], r"actor\['mu\.weight'\] has shape \(5, 15\), the architecture needs \(5, 16\)"),
+    ("actor/mu.weight", lambda w: w.double(), r"actor\['mu\.weight'\] has dtype torch\.float64, expected torch\.float32"),
+    ("actor/mu.weight", lambda w: w.long(), r"actor\['mu\.weight'\] has dtype torch\.int64"),
+    ("actor/mu.weight", "rename", r"actor\['mu\.weight_renamed'\] is not a tensor of the architecture"),
+    ("actor/mu.bias", "del", r"actor\['mu\.bias'\] is missing"),
+    ("actor/mu.bias", lambda b: b.tolist(), r"actor\['mu\.bias'\] is \[-?0\.\d+, .*, expected a tensor of shape \(5,\)"),
+    ("actor", lambda a: list(a.values()), r"actor is a list, expected a dict of tensors"),
+    ("obs_normalizer", "del", r"obs_normalizer is None, expected a dict of tensors"),
+    ("obs_normalizer/count", "del", r"obs_normalizer\['count'\] is missing"),
+    ("arch/hidden", lambda h: "32,16", r"arch\['hidden'\] is '32,16', expected a list of positive integers"),
+    ("arch/hidden", lambda h: [32, 0], r"arch\['hidden'\] is \[32, 0\], expected a list of positive integers"),
+    ("arch/obs_dim", lambda d: 12.0, r"arch\['obs_dim'\] is 12\.0, expected a positive integer"),
+    ("arch/obs_dim", "del", r"arch\['obs_dim'\] is None, expected a positive integer"),
+    ("arch/obs_dim", lambda d: 2**40,  # checked on the meta device: nothing of that size is allocated
+     r"obs_normalizer\['running_mean'\] has shape \(12,\), the architecture needs \(1099511627776,\)"),
+    ("arch/activation", lambda a: "swish", r"arch\['activation'\] is 'swish', expected one of"),
+    ("arch/name", lambda a: "transformer", r"architecture 'transformer' is not one of"),
+    ("arch", lambda a: None, r"architecture None is not one of"),
+    ("discriminator", lambda d: "yes", r"'discriminator' is 'yes', expected a dict or None"),
+    ("discriminator/hidden", lambda h: None, r"discriminator\['hidden'\] is None, expected a list of positive integers"),
+    ("discriminator/weights/trunk.0.weight", "del", r"discriminator\['weights'\]\['trunk\.0\.weight'\] is missing"),
+    ("metadata", lambda m: [1, 2], r"'metadata' is \[1, 2\], expected a dict"),
+    ("version", lambda v: "2", r"native LLC format version '2'"),
+]
+
+
+@pytest.mark.parametrize("where,action,message", NATIVE_MALFORMED)
+def test_malformed_native_checkpoints_name_the_file_and_the_entry(tmp_path, where, action, message):
+    checkpoint = native_checkpoint(tmp_path, amp_obs_dim=10, disc_hidden=(16, 8))
+    edit(checkpoint, where, action)
+    with pytest.raises(LLCCheckpointError, match=r"^\S*malformed\.pt: " + message):
+        load_llc(resave(tmp_path, "malformed.pt", checkpoint))
+
+
+ASE_MALFORMED = [
+    ("model/a2c_network.mu.bias", lambda b: b[:-1], r"model\['a2c_network\.mu\.bias'\] has shape \(4,\), the architecture "
+                                                    r"needs \(5,\)"),
+    ("model/a2c_network.mu.bias", "rename", r"model\['a2c_network\.mu\.bias_renamed'\] is not a tensor of the architecture"),
+    ("model/a2c_network.mu.bias", "del", r"model\['a2c_network\.mu\.bias'\] is missing"),
+    ("model/a2c_network.mu.weight", lambda w: w[0], r"model\['a2c_network\.mu\.weight'\] has shape \(16,\), expected a "
+                                                    r"2-D tensor"),
+    ("model/a2c_network.mu.weight", lambda w: "weights", r"model\['a2c_network\.mu\.weight'\] is 'weights', expected a "
+                                                         r"tensor"),
+    ("model/a2c_network.actor_mlp._style_mlp.2.bias", lambda b: b.int(),
+     r"model\['a2c_network\.actor_mlp\._style_mlp\.2\.bias'\] has dtype torch\.int32"),
+    ("model/a2c_network.actor_mlp._dense_layers.1.weight", "rename",
+     r"model\['a2c_network\.actor_mlp\._dense_layers\.2\.weight'\], .*"
+     r"model\['a2c_network\.actor_mlp\._dense_layers\.1\.weight_renamed'\] are not tensors of the architecture"),
+    ("model/a2c_network._disc_logits.bias", "del", r"model\['a2c_network\._disc_logits\.bias'\] is missing"),
+    ("model/a2c_network._disc_logits.weight", "rename", r"'model' has a2c_network\._disc_mlp\.0\.weight but not "
+                                                        r"a2c_network\._disc_logits\.weight: half a discriminator"),
+    ("running_mean_std/count", "del", r"observation normaliser 'running_mean_std' lacks \['count'\]"),
+    ("running_mean_std/running_mean", lambda m: m[0], r"running_mean_std\['running_mean'\] has shape \(\), expected a 1-D"),
+    ("running_mean_std/count", lambda c: c.reshape(1, 1), r"running_mean_std\['count'\] has shape \(1, 1\), the "
+                                                          r"architecture needs \(\)"),
+    ("amp_input_mean_std/running_var", lambda v: None, r"amp_input_mean_std\['running_var'\] is None, expected a tensor"),
+]
+
+
+@pytest.mark.parametrize("where,action,message", ASE_MALFORMED)
+def test_malformed_ase_checkpoints_name_the_file_and_the_entry(tmp_path, where, action, message):
+    checkpoint = ase_llc_checkpoint(**SMALL)
+    edit(checkpoint, where, action)
+    with pytest.raises(LLCCheckpointError, match=r"^\S*malformed\.pth: (" + message + ")"):
+        load_llc(resave(tmp_path, "malformed.pth", checkpoint))
+
+
+def test_damaged_strides_and_storage_references_are_refused(tmp_path):
+    """What a damaged pickle can do to an ASE file (which has no digest) without breaking its CRCs: a tensor
+    with other strides over the same data, or a tensor pointed at another one's data record."""
+    checkpoint = ase_llc_checkpoint(**SMALL)
+    mu = checkpoint["model"]["a2c_network.mu.weight"]
+    checkpoint["model"]["a2c_network.mu.weight"] = mu.t().contiguous().t()  # same shape and values, other strides
+    with pytest.raises(LLCCheckpointError, match=r"strided\.pth: model\['a2c_network\.mu\.weight'\] has strides "
+                                                 r"\(1, 5\), not those of a contiguous tensor"):
+        load_llc(resave(tmp_path, "strided.pth", checkpoint))
+    path, _ = save_ase(tmp_path, "ase_llc.pth")
+    with zipfile.ZipFile(path, "a") as archive:  # a data record that no tensor uses any more
+        archive.writestr(f"{archive.namelist()[0].split('/')[0]}/data/999", b"\0" * 64)
+    with pytest.raises(LLCCheckpointError, match=r"ase_llc\.pth: not a readable torch checkpoint: the file is corrupt .*"
+                                                 r"1 of its \d+ tensor data records are used by no tensor"):
+        load_llc(path)
+
+def test_ase_model_with_a_non_string_key_is_refused(tmp_path):
+    checkpoint = ase_llc_checkpoint(**SMALL)
+    checkpoint["model"][3] = torch.zeros(2)
+    with pytest.raises(LLCCheckpointError, match=r"odd_key\.pth: 'model' has a key 3 of type int, expected str"):
+        load_llc(resave(tmp_path, "odd_key.pth", checkpoint))
+
+
+def test_zip_member_failing_its_crc_is_refused(tmp_path):
+    """One flipped bit in a weight of an ASE file (no digest of its own) is caught by the zip's CRC-32."""
+    path, _ = save_ase(tmp_path, "ase_llc.pth")
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        member = max(archive.infolist(), key=lambda info: info.file_size)  # the largest weight matrix
+    name_size, extra_size = struct.unpack("<HH", data[member.header_offset + 26: member.header_offset + 30])
+    data[member.header_offset + 30 + name_size + extra_size + member.file_size // 2] ^= 0x10
+    (tmp_path / "flipped.pth").write_bytes(bytes(data))
+    with pytest.raises(LLCCheckpointError, match=r"flipped\.pth: not a readable torch checkpoint: the file is corrupt "
+                                                 r".*fails its CRC-32 check"):
+        load_llc(tmp_path / "flipped.pth")
+
+
 def test_check_env_names_both_sizes(tmp_path):
     path, _ = save_ase(tmp_path, "ase_llc.pth")
     llc = load_llc(path)
@@ -528,6 +795,193 @@ def test_check_env_names_both_sizes(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# Atomic writes
+# ---------------------------------------------------------------------------------------------
+GOOD = {"step": 1, "weights": torch.arange(6.0).reshape(2, 3)}
+NEW = {"step": 2, "weights": torch.ones(1000, 100)}
+
+
+def previous_checkpoint(folder):
+    """A good checkpoint at folder/checkpoint.pt and its bytes, to check that failed writes keep it."""
+    path = folder / "checkpoint.pt"
+    atomic_save(GOOD, path)
+    return path, path.read_bytes()
+
+
+def assert_kept(path, data):
+    assert path.read_bytes() == data, "the previous checkpoint must be left as it was"
+    assert torch.equal(torch.load(path, weights_only=True)["weights"], GOOD["weights"])
+    assert not os.path.exists(f"{path}.tmp"), "no partial temporary file may be left behind"
+
+
+def test_atomic_save_replaces_the_file_and_leaves_no_temporary_file(tmp_path):
+    path, _ = previous_checkpoint(tmp_path / "runs" / "a")  # creates missing directories
+    (tmp_path / "runs" / "a" / "checkpoint.pt.tmp").write_bytes(b"half a checkpoint from a killed run")
+    atomic_save(NEW, str(path))
+    assert torch.load(path, weights_only=True)["step"] == 2
+    assert sorted(os.listdir(path.parent)) == ["checkpoint.pt"]
+
+
+def test_first_nonfinite_names_the_first_bad_tensor():
+    assert first_nonfinite({"a": torch.ones(3), "n": 3, "s": "x", "i": torch.arange(3), "none": None}) is None
+    assert first_nonfinite(torch.tensor([1.0, float("nan")])) == "(the tensor itself)"
+    nested = {"agent": {"actor.0.weight": torch.ones(2), "actor.0.bias": torch.tensor([0.0, float("inf")])},
+              "optimizer": {"state": {0: {"exp_avg": torch.tensor([float("nan")])}}}}
+    assert first_nonfinite(nested) == "agent.actor.0.bias"
+    assert first_nonfinite({"losses": [torch.ones(1), torch.tensor(-float("inf"))]}) == "losses[1]"
+    assert first_nonfinite({"optimizer": nested["optimizer"]}) == "optimizer.state.0.exp_avg"
+    assert first_nonfinite(torch.tensor([1 + 1j, complex("nan")])) == "(the tensor itself)"
+
+
+def test_atomic_save_refuses_nonfinite_tensors_and_keeps_the_previous_file(tmp_path):
+    path, data = previous_checkpoint(tmp_path)
+    blown_up = {"step": 3, "agent": {"mu.bias": torch.tensor([0.0, float("nan")])}}
+    with pytest.raises(CheckpointWriteError, match=r"checkpoint\.pt: not written: tensor 'agent\.mu\.bias' holds NaN or inf"):
+        atomic_save(blown_up, path)
+    assert_kept(path, data)
+    model = trained_llc("mlp")
+    model.actor.mu.bias.data[0] = float("inf")
+    with pytest.raises(CheckpointWriteError, match=r"llc\.pt: not written: tensor 'actor\.mu\.bias' holds NaN or inf"):
+        save_llc(tmp_path / "llc.pt", model, {})
+    assert not (tmp_path / "llc.pt").exists()
+
+
+@contextlib.contextmanager
+def unprivileged():
+    """Run the block without root's right to write anywhere (as user nobody), when the tests run as root."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+
+
+def test_atomic_save_into_a_read_only_directory_fails_cleanly():
+    folder = pathlib.Path(tempfile.mkdtemp())  # not under tmp_path: user nobody must be able to reach it
+    try:
+        folder.chmod(0o755)
+        path, data = previous_checkpoint(folder / "ro")
+        path.parent.chmod(0o555)
+        with unprivileged(), pytest.raises(CheckpointWriteError) as error:
+            atomic_save(NEW, path)
+        assert str(error.value).startswith(f"{path}: not written: permission denied")
+        assert "whatever was at the path before is kept" in str(error.value)
+        assert_kept(path, data)
+    finally:
+        (folder / "ro").chmod(0o755)
+        shutil.rmtree(folder)
+
+
+def test_atomic_save_under_a_regular_file_or_onto_a_directory_fails_cleanly(tmp_path):
+    (tmp_path / "runs").write_text("not a directory")
+    for path in (tmp_path / "runs" / "checkpoint.pt", tmp_path / "runs" / "run_1" / "checkpoint.pt"):
+        blocked = rf"{path}: not written: {tmp_path / 'runs'} is a file, not a directory"
+        with pytest.raises(CheckpointWriteError, match=blocked):
+            atomic_save(NEW, path)
+    assert sorted(os.listdir(tmp_path)) == ["runs"] and (tmp_path / "runs").read_text() == "not a directory"
+    (tmp_path / "a_dir").mkdir()
+    with pytest.raises(CheckpointWriteError, match=r"a_dir: not written: is a directory"):
+        atomic_save(NEW, tmp_path / "a_dir")
+    assert sorted(os.listdir(tmp_path)) == ["a_dir", "runs"]
+
+
+class FullDisk:
+    """A file whose writes stop with ENOSPC after `room` bytes, as on a full disk."""
+
+    def __init__(self, file, room):
+        self.file, self.room = file, room
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+    def write(self, data):
+        data = memoryview(data).cast("B")
+        self.file.write(data[: self.room])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+
+def test_atomic_save_on_a_full_disk_keeps_the_previous_file_and_no_temporary(tmp_path, monkeypatch):
+    path, data = previous_checkpoint(tmp_path)
+    monkeypatch.setattr(llc_module, "open", lambda *args, **kwargs: FullDisk(open(*args, **kwargs), 4096), raising=False)
+    with pytest.raises(CheckpointWriteError, match=r"checkpoint\.pt: not written: no space left on device"):
+        atomic_save(NEW, path)
+    assert_kept(path, data)
+    monkeypatch.undo()
+
+    def fsync_full(fd):  # file systems that allocate late report the full disk at fsync
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(llc_module.os, "fsync", fsync_full)
+    with pytest.raises(CheckpointWriteError, match=r"checkpoint\.pt: not written: no space left on device"):
+        atomic_save(NEW, path)
+    monkeypatch.undo()
+    assert_kept(path, data)
+
+
+def test_atomic_save_interrupted_mid_write_leaves_no_temporary(tmp_path, monkeypatch):
+    path, data = previous_checkpoint(tmp_path)
+
+    class Interrupted(FullDisk):
+        def write(self, data):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(llc_module, "open", lambda *args, **kwargs: Interrupted(open(*args, **kwargs), 0), raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save(NEW, path)
+    monkeypatch.undo()
+    assert_kept(path, data)
+
+
+def test_atomic_save_past_a_real_file_size_limit_keeps_the_previous_file(tmp_path):
+    """A real failing write, no mock: the kernel stops the write at RLIMIT_FSIZE (EFBIG), in a child process."""
+    path, data = previous_checkpoint(tmp_path)
+    script = ("import resource, signal, sys, torch; sys.path.insert(0, sys.argv[2]); from llc import atomic_save\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))\n"
+              "atomic_save({'weights': torch.ones(1000, 100)}, sys.argv[1])")
+    result = subprocess.run([sys.executable, "-c", script, str(path), str(REPO_ROOT)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1 and f"CheckpointWriteError: {path}: not written: file too large" in result.stderr, \
+        result.stderr[-2000:]
+    assert_kept(path, data)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 256 KiB tmpfs mounted at tmp_path/disk (needs root and mount rights; skipped elsewhere)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small file system needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_atomic_save_on_a_really_full_and_read_only_file_system(small_tmpfs):
+    path, data = previous_checkpoint(small_tmpfs)
+    with pytest.raises(CheckpointWriteError, match=r"checkpoint\.pt: not written: no space left on device"):
+        atomic_save(NEW, path)  # 400 kB into 256 KiB
+    assert_kept(path, data)
+    subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
+    with pytest.raises(CheckpointWriteError, match=r"checkpoint\.pt: not written: read-only file system"):
+        atomic_save(GOOD, path)
+    assert_kept(path, data)
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
 def test_cli_prints_dims(tmp_path):
@@ -539,7 +993,7 @@ def test_cli_prints_dims(tmp_path):
     result = subprocess.run([sys.executable, "llc.py", *paths], cwd=REPO_ROOT, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 1, "a file that cannot be read must fail the command"
-    assert "missing.pth: no such file" in result.stderr
+    assert "missing.pth: does not exist" in result.stderr
     ase_part, native_part = result.stdout.split("\n\n")
     for line in ("format:        rl_games", "obs_dim:       12", "latent_dim:    8", "action_dim:    5",
                  "architecture:  style_cat", "discriminator: yes", "rl_games_layout: rl_games 1.1", "epoch: 25000"):
