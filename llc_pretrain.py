@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -27,8 +28,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import tyro
-from torch.utils.tensorboard import SummaryWriter
 
+import distributed
+import hrl_ppo_continuous as trainer  # trainer.stop_requested: set by trainer.request_stop (SIGTERM, Ctrl-C)
 from hrl_ppo_continuous import (check_robot_xml, compute_gae, explained_variance, flush_denormals_on_cpu,
                                 hyperparameter_table, ppo_update)
 from llc import LLCCheckpointError, build_llc, load_llc, mlp, portable_command, read_checkpoint, save_llc
@@ -163,6 +165,8 @@ class Args:
     """write the checkpoint every this many iterations (and at the end)"""
     init_from: Optional[str] = None
     """continue from this training state (the `.train.pt` file written next to a checkpoint)"""
+    dist_timeout: float = distributed.DEFAULT_TIMEOUT_S
+    """under torchrun: seconds a rank waits in a collective for the others before it exits with an error"""
 
     # Skill evaluation
     evaluate: Optional[str] = None
@@ -473,7 +477,7 @@ def rollout(env, model, critic, log_std, world: WorldState, storage: SkillRollou
     llc_obs_dim = storage.norm_obs.shape[-1]
     for step in range(storage.norm_obs.shape[0]):
         llc_obs = world.obs[:, :llc_obs_dim]
-        model.obs_normalizer.update(llc_obs)
+        distributed.update_normalizer(model.obs_normalizer, llc_obs)  # all ranks' worlds under torchrun
         with torch.no_grad():
             norm_obs = model.normalize_obs(llc_obs)
             command = skill.command(world.z)
@@ -582,6 +586,8 @@ def read_train_state(path: str, skill_settings: dict) -> dict:
 if __name__ == "__main__":
     args = tyro.cli(Args)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if distributed.launched_by_torchrun() and device.type == "cuda":
+        device = torch.device("cuda", distributed.local_rank())
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
     flush_denormals_on_cpu(device)
@@ -607,39 +613,42 @@ if __name__ == "__main__":
     skill_settings = {"latent_dim": latent_dim, "skill_seed": args.skill_seed, "max_speed": max_speed,
                       "max_yaw_rate": args.max_yaw_rate}
     init_state = read_train_state(args.init_from, skill_settings) if args.init_from is not None else None
+    distributed.setup(device, args.dist_timeout)  # only under torchrun: one process group, this rank's device
+    steps_per_iteration = args.num_envs * args.num_steps * distributed.world_size()  # num_envs is per rank
     args.batch_size = int(args.num_envs * args.num_steps)
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
-    args.num_iterations = max(1, args.total_timesteps // args.batch_size)
-    run_name = f"{args.robot}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    args.num_iterations = max(1, args.total_timesteps // steps_per_iteration)
+    run_name = distributed.broadcast_object(f"{args.robot}__{args.exp_name}__{args.seed}__{int(time.time())}")
     checkpoint_path = args.checkpoint_path or f"runs/{run_name}/llc.pt"
     train_state_path = os.path.splitext(checkpoint_path)[0] + ".train.pt"
-    if args.track:
+    if args.track and distributed.is_main():
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, save_code=True)
-    writer = SummaryWriter(f"runs/{run_name}")
+    writer = distributed.summary_writer(f"runs/{run_name}")  # rank 0 only
     writer.add_text("hyperparameters", hyperparameter_table(args))
 
     # seeding
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    seed = distributed.seed(args.seed)  # args.seed + rank under torchrun
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    latent_generator = torch.Generator(device=device).manual_seed(args.seed)
+    latent_generator = torch.Generator(device=device).manual_seed(seed)
 
     # env setup: task "none", the LLC sees the observation without a task part
-    env = make_env(robot=args.robot, task="none", num_envs=args.num_envs, device=str(device), seed=args.seed,
+    env = make_env(robot=args.robot, task="none", num_envs=args.num_envs, device=str(device), seed=seed,
                    backend=args.env_backend, sim_threads=args.sim_threads, verbose=args.sim_verbose, robot_xml=args.robot_xml)
     print(f"{run_name}: {args.num_envs} envs on {device}, simulator {env.describe_backend()}")
     llc_obs_dim = env.num_obs - env.get_task_obs_size()
     action_dim = env.num_actions
     skill = Skill(make_skill_projection(latent_dim, args.skill_seed).to(device), max_speed, args.max_yaw_rate)
     print(f"{run_name}: {args.robot}, {args.num_envs} envs on {device}, latent {latent_dim}, "
-          f"{args.num_iterations} iterations x {args.batch_size} control steps -> {checkpoint_path}")
-    if args.num_iterations * args.batch_size != args.total_timesteps:
-        print(f"note: --total-timesteps {args.total_timesteps} is not a whole number of iterations of "
-              f"{args.batch_size} control steps (--num-envs x --num-steps): running {args.num_iterations * args.batch_size}")
+          f"{args.num_iterations} iterations x {steps_per_iteration} control steps -> {checkpoint_path}")
+    if args.num_iterations * steps_per_iteration != args.total_timesteps:
+        print(f"note: --total-timesteps {args.total_timesteps} is not a whole number of iterations of {steps_per_iteration} "
+              f"control steps (--num-envs x --num-steps x ranks): running {args.num_iterations * steps_per_iteration}")
 
     # actor (the LLC), critic, exploration noise
     model = build_llc(llc_obs_dim, latent_dim, action_dim, arch=args.llc_arch, hidden=tuple(args.llc_hidden),
@@ -656,6 +665,7 @@ if __name__ == "__main__":
         log_std.data.copy_(init_state["log_std"])
         optimizer.load_state_dict(init_state["optimizer"])
         steps_done_before, wall_time_before = int(init_state["global_step"]), float(init_state["wall_time_s"])
+    distributed.broadcast_from_main(model, critic, log_std)  # identical initial weights on every rank
 
     metadata = {
         "robot": args.robot, "robot_xml": args.robot_xml, **env_control_settings(env),
@@ -693,13 +703,15 @@ if __name__ == "__main__":
                        torch.zeros(args.num_envs, action_dim, device=device),
                        torch.zeros(args.num_envs, device=device), torch.zeros(args.num_envs, device=device))
 
+    signal.signal(signal.SIGINT, trainer.request_stop)
+    signal.signal(signal.SIGTERM, trainer.request_stop)
     for iteration in range(1, args.num_iterations + 1):
         if args.anneal_lr:
             frac = 1.0 - (iteration - 1.0) / args.num_iterations
             optimizer.param_groups[0]["lr"] = frac * args.learning_rate
         stats.zero_()
         rollout(env, model, critic, log_std, world, storage, skill, latent_generator, stats, args)
-        global_step += args.batch_size
+        global_step += steps_per_iteration
 
         with torch.no_grad():  # GAE; the last step bootstraps from the value of the state it left
             last_value = critic_value(critic, model.normalize_obs(world.obs[:, :llc_obs_dim]), world.z,
@@ -707,6 +719,9 @@ if __name__ == "__main__":
             advantages, returns = compute_gae(storage.rewards, storage.values, next_state_values(storage, last_value),
                                               storage.dones, args.gamma, args.gae_lambda)
         metrics = update_skills(model, critic, log_std, optimizer, actor_params, storage, advantages, returns, args)
+        totals, means, stop = distributed.reduce_iteration(  # sums and means over ranks
+            stats[:4], torch.cat([stats[4:], torch.stack(list(metrics.values()))]), trainer.stop_requested)
+        stats, metrics = torch.cat([totals, means[:4]]), dict(zip(metrics, means[4:]))
 
         elapsed = time.time() - start_time
         sps = int((global_step - steps_done_before) / elapsed)
@@ -717,8 +732,12 @@ if __name__ == "__main__":
               f"yaw_err {shown['yaw_rate_error']:.3f} rad/s | std {shown['action_std']:.3f} | "
               f"ETA {int(eta_s // 60)}m{int(eta_s % 60):02d}s", flush=True)
 
-        if iteration % args.save_interval == 0 or iteration == args.num_iterations:
+        if (iteration % args.save_interval == 0 or iteration == args.num_iterations or stop) and distributed.is_main():
             save_checkpoint(global_step, time.time() - start_time)
+        if stop:
+            print(f"stopped: {checkpoint_path} and {train_state_path} (continue with --init-from {train_state_path})")
+            break
 
     print(f"wrote {checkpoint_path} ({global_step} control steps, {time.time() - start_time:.0f} s)")
     writer.close()
+    distributed.finish()
