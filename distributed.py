@@ -73,12 +73,13 @@ def setup(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
     def exit_on_collective_failure(exc_type, exc, tb):
         """A collective that failed or timed out: a clear message, then exit at once (a clean shutdown
         of the process group could wait on the lost rank)."""
-        if not issubclass(exc_type, (dist.DistError, RuntimeError)):
+        in_collective = any("distributed_c10d" in frame.filename for frame in traceback.extract_tb(tb)[-3:])
+        if not (issubclass(exc_type, dist.DistError) or (issubclass(exc_type, RuntimeError) and in_collective)):
             return previous_hook(exc_type, exc, tb)
         traceback.print_exception(exc_type, exc, tb)
-        print(f"error: rank {rank()} of {world_size()}: a collective operation failed ({exc_type.__name__}); another "
-              f"rank has died or has not answered for {timeout_s:.0f} s. Every rank stops; the last checkpoint "
-              "written by rank 0 is intact (written atomically).", file=sys.stderr, flush=True)
+        print(f"error: rank {rank()} of {world_size()}: a collective operation failed ({exc_type.__name__}): another "
+              f"rank has died, or has not reached it within the timeout ({timeout_s:.0f} s, --dist-timeout). Every rank "
+              "stops; the last checkpoint written by rank 0 is intact (written atomically).", file=sys.stderr, flush=True)
         os._exit(1)
 
     sys.excepthook = exit_on_collective_failure
