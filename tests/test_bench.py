@@ -41,3 +41,11 @@ def test_bench_rollout_prints_the_trainer_loop_beside_the_physics():
         assert min(physics, env_step, rollout, flat, c_mujoco) > 0
         assert abs(ratio - rollout / physics) < 0.01 + 0.01 * ratio
         assert abs(env_ratio - env_step / c_mujoco) < 0.01 + 0.01 * env_ratio
+
+
+def test_bench_scaling_prints_one_and_two_processes_with_their_ratio():
+    stdout = run_bench("bench_scaling.py", "--script", "llc_pretrain", "--num-envs", "2", "--iterations", "2", "--no-cuda")
+    one_process, two_processes = table_row(stdout, ["llc_pretrain", "1"]), table_row(stdout, ["llc_pretrain", "2"])
+    assert one_process[0] == 2 and two_processes[0] == 4  # envs over all processes
+    assert one_process[1] > 0 and one_process[2] == 1.0
+    assert two_processes[1] > 0 and abs(two_processes[2] - two_processes[1] / one_process[1]) < 0.01 + 0.01 * two_processes[2]
