@@ -648,7 +648,7 @@ if __name__ == "__main__":
           f"{args.num_iterations} iterations x {steps_per_iteration} control steps -> {checkpoint_path}")
     if args.num_iterations * steps_per_iteration != args.total_timesteps:
         print(f"note: --total-timesteps {args.total_timesteps} is not a whole number of iterations of {steps_per_iteration} "
-              f"control steps (--num-envs x --num-steps x ranks): running {args.num_iterations * steps_per_iteration}")
+              f"control steps (--num-envs x --num-steps x processes): running {args.num_iterations * steps_per_iteration}")
 
     # actor (the LLC), critic, exploration noise
     model = build_llc(llc_obs_dim, latent_dim, action_dim, arch=args.llc_arch, hidden=tuple(args.llc_hidden),
