@@ -99,6 +99,17 @@ def test_two_ranks_update_like_one_process_with_the_whole_batch(tmp_path, monkey
         torch.testing.assert_close(ranks[0]["normalizer"][key], value, rtol=1e-12, atol=1e-12)
 
 
+def test_without_torchrun_no_process_group_is_created(monkeypatch):
+    import distributed
+
+    for name in distributed.TORCHRUN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert not distributed.setup(torch.device("cpu")) and not torch.distributed.is_initialized()
+    assert (distributed.rank(), distributed.world_size(), distributed.local_rank(), distributed.seed(5)) == (0, 1, 0, 5)
+    totals, means = torch.tensor([1.0, 2.0]), torch.tensor([3.0])
+    assert distributed.reduce_iteration(totals, means, True) == (totals, means, True)  # the very tensors, unchanged
+
+
 # ---------------------------------------------------------------- the trainer and llc_pretrain.py under torchrun
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory):
@@ -150,8 +161,11 @@ def test_llc_pretrain_two_ranks(tmp_path):
 
 
 # ---------------------------------------------------------------- stopping: SIGTERM on one rank, a rank that dies
-def start_long_run(cwd, *extra):
-    args = [*TORCHRUN, os.path.join(REPO_DIR, "hrl_ppo_continuous.py"), *TINY, "--total-timesteps", "100000000", *extra]
+TRAINER_FIRST_CHECKPOINT = ("runs", "*", "checkpoint.pt")
+
+
+def start_long_run(cwd, *extra, script="hrl_ppo_continuous.py", flags=TINY):
+    args = [*TORCHRUN, os.path.join(REPO_DIR, script), *flags, "--total-timesteps", "100000000", *extra]
     return subprocess.Popen(args, cwd=cwd, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -172,27 +186,27 @@ def rank_pid(launcher_pid, rank, timeout=120):
     raise AssertionError(f"no rank {rank} under {launcher_pid}")
 
 
-def wait_for_first_checkpoint(process, cwd, timeout=180):
-    """Wait until rank 0 has written its first checkpoint (--checkpoint-interval 1: iteration 1 is done)."""
+def wait_for_first_checkpoint(process, cwd, path=TRAINER_FIRST_CHECKPOINT, timeout=180):
+    """Wait until rank 0 has written its first checkpoint (a checkpoint every iteration: iteration 1 is done)."""
     deadline = time.time() + timeout
-    while not glob.glob(str(cwd / "runs" / "*" / "checkpoint.pt")):
+    while not glob.glob(os.path.join(str(cwd), *path)):
         assert process.poll() is None and time.time() < deadline, process.communicate()
         time.sleep(0.2)
 
 
-def signal_rank_1(cwd, signum):
-    """A long 2-rank run; after its first checkpoint, signum to rank 1. Returns (exit code, stdout, stderr,
-    seconds from the signal to the end of the run, rank 0's checkpoint)."""
-    process = start_long_run(cwd)
+def signal_rank_1(cwd, signum, path=TRAINER_FIRST_CHECKPOINT, **run):
+    """A long 2-rank run (of the trainer, or start_long_run's **run); after its first checkpoint (path), signum
+    to rank 1. Returns (exit code, stdout, stderr, seconds from the signal to the end of the run, the checkpoint)."""
+    process = start_long_run(cwd, **run)
     try:
         worker_pid = rank_pid(process.pid, 1)
-        wait_for_first_checkpoint(process, cwd)
+        wait_for_first_checkpoint(process, cwd, path)
         os.kill(worker_pid, signum)
         start = time.time()
         stdout, stderr = process.communicate(timeout=120)
     finally:
         process.kill()
-    (checkpoint_path,) = glob.glob(str(cwd / "runs" / "*" / "checkpoint.pt"))
+    (checkpoint_path,) = glob.glob(os.path.join(str(cwd), *path))
     return process.returncode, stdout, stderr, time.time() - start, torch.load(checkpoint_path, weights_only=True)
 
 
@@ -201,6 +215,15 @@ def test_sigterm_on_one_rank_stops_every_rank_after_a_checkpoint(tmp_path):
     assert returncode == 0, stderr[-3000:]
     assert "stopped: checkpoint" in stdout
     assert checkpoint["iteration"] >= 1 and checkpoint["global_step"] == 80 * checkpoint["iteration"]
+
+
+def test_sigterm_on_one_rank_stops_llc_pretrain_after_a_checkpoint(tmp_path):
+    returncode, stdout, stderr, _, state = signal_rank_1(
+        tmp_path, signal.SIGTERM, ("llc.train.pt",), script="llc_pretrain.py",
+        flags=[*TINY_LLC, "--save-interval", "1", "--checkpoint-path", "llc.pt"])
+    assert returncode == 0, stderr[-3000:]
+    assert "stopped: llc.pt and llc.train.pt" in stdout
+    assert state["global_step"] >= 32 and state["global_step"] % 32 == 0  # whole iterations of both ranks
 
 
 def test_a_dead_rank_makes_the_other_exit_with_a_message(tmp_path):
