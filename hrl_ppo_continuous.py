@@ -58,11 +58,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 from torch.distributions.normal import Normal
-from torch.utils.tensorboard import SummaryWriter
 
 from typing_extensions import Annotated  # typing.Annotated needs Python 3.9; Isaac Gym runs on 3.8
 
-from llc import LLCCheckpointError, RunningMeanStd, load_llc, mlp, read_checkpoint
+import distributed
+from llc import CheckpointWriteError, LLCCheckpointError, RunningMeanStd, atomic_save, load_llc, mlp, read_checkpoint
 from tasks import ROBOTS, TASKS, load_robot_spec  # names only: robot and task modules load lazily
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -186,6 +186,8 @@ class Args:
     """evaluate this checkpoint with the deterministic policy instead of training"""
     eval_episodes: int = 10
     """number of episodes for --eval-checkpoint"""
+    dist_timeout: float = distributed.DEFAULT_TIMEOUT_S
+    """under torchrun: seconds a rank waits in a collective for the others before it exits with an error"""
 
 
 class Derived(NamedTuple):
@@ -305,7 +307,7 @@ def check_ranges(args, ranges: dict):
 def derive(args: Args) -> Derived:
     """Every value derived from the flags, computed in one place."""
     use_cuda = args.cuda and torch.cuda.is_available()
-    device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
+    device = torch.device("cuda", distributed.local_rank()) if use_cuda else torch.device("cpu")
     flat = (args.llc_checkpoint or "").lower() == "none"
     llc_path = None if flat else (args.llc_checkpoint or os.path.join(REPO_DIR, "checkpoints", f"llc_{args.robot}.pt"))
     llc_steps = 1 if flat else (args.llc_steps or 5)
@@ -318,7 +320,7 @@ def derive(args: Args) -> Derived:
         fail(f"a minibatch of {batch_size // args.num_minibatches} transition (num_envs x num_steps / num_minibatches = "
              f"{num_envs} x {args.num_steps} / {args.num_minibatches}) has no advantage spread to normalise: "
              "use fewer minibatches or more envs or steps")
-    sim_steps_per_iteration = batch_size * llc_steps
+    sim_steps_per_iteration = batch_size * llc_steps * distributed.world_size()  # all ranks: num_envs is per rank
     num_iterations = max(1, total_timesteps // sim_steps_per_iteration)
     return Derived(device, flat, llc_path, llc_steps, num_envs, total_timesteps, batch_size,
                    batch_size // args.num_minibatches, sim_steps_per_iteration, num_iterations)
@@ -681,6 +683,7 @@ def ppo_update(evaluate, batch: dict, optimizer, grad_groups, args, minibatch_si
 
             optimizer.zero_grad()
             loss.backward()
+            distributed.all_reduce_gradients(optimizer)
             if guard is not None and not guard.finite(loss, [p for params in grad_groups for p in params]):
                 continue
             if args.max_grad_norm is not None:
@@ -688,7 +691,7 @@ def ppo_update(evaluate, batch: dict, optimizer, grad_groups, args, minibatch_si
                     nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             optimizer.step()
 
-        if args.target_kl is not None and terms["losses/approx_kl"] > args.target_kl:  # a host sync, only when set
+        if args.target_kl is not None and distributed.mean_over_ranks(terms["losses/approx_kl"]) > args.target_kl:
             break
     terms = {key: value.detach() for key, value in terms.items()}
     terms["losses/clipfrac"] = torch.stack(clipfracs).mean()
@@ -709,7 +712,7 @@ def update_policy(agent: Agent, optimizer, storage: RolloutStorage, advantages, 
     b_obs = storage.obs.reshape(-1, storage.obs.shape[-1])
     b_values, b_returns = storage.values.reshape(-1), returns.reshape(-1)
     if agent.normalize_value:  # value targets in normalised units (rl_games' value_mean_std)
-        agent.value_normalizer.update(b_returns)
+        distributed.update_normalizer(agent.value_normalizer, b_returns)
         b_returns_n, b_values_n = agent.value_normalizer.normalize(b_returns), agent.value_normalizer.normalize(b_values)
     else:
         b_returns_n, b_values_n = b_returns, b_values
@@ -724,7 +727,7 @@ def update_policy(agent: Agent, optimizer, storage: RolloutStorage, advantages, 
     metrics = ppo_update(evaluate, batch, optimizer, [list(agent.parameters())], args, minibatch_size, guard)
     metrics["losses/explained_variance"] = explained_variance(b_values, b_returns)
     if agent.normalize_obs:  # after the update, so the stored log-probs matched the normalisation in use
-        agent.obs_normalizer.update(b_obs)
+        distributed.update_normalizer(agent.obs_normalizer, b_obs)
     return metrics
 
 
@@ -760,15 +763,18 @@ def rollout_state(env, next_obs, episode_stats: EpisodeStats) -> dict:
 
 def save_checkpoint(path: str, agent, optimizer, args: Args, run_name: str, global_step: int, iteration: int,
                     wandb_run_id=None, rollout=None):
-    """Atomic write (temp file, then os.replace) of everything needed to resume; plain tensors and
-    plain Python values only, so torch.load(path, weights_only=True) reads it."""
+    """Atomic, durable write (llc.atomic_save: temp file, fsync, rename) of everything needed to resume;
+    plain tensors and plain Python values only, so torch.load(path, weights_only=True) reads it. A
+    checkpoint holding NaN or inf, a full disk or an unwritable folder stop the run with the previous
+    checkpoint kept (training on without checkpoints would lose what it learns)."""
     checkpoint = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "agent": agent.state_dict(),
                   "optimizer": optimizer.state_dict(), "args": asdict(args), "run_name": run_name,
                   "global_step": global_step, "iteration": iteration, "rng": rng_states(), "wandb_run_id": wandb_run_id,
                   "rollout": rollout}
-    tmp_path = f"{path}.tmp"
-    torch.save(checkpoint, tmp_path)
-    os.replace(tmp_path, path)
+    try:
+        atomic_save(checkpoint, path)
+    except CheckpointWriteError as err:
+        fail(f"stopping: {err}")
 
 
 def upgrade_checkpoint(checkpoint: dict) -> dict:
@@ -911,10 +917,10 @@ def progress_line(iteration: int, num_iterations: int, iterations_this_session: 
             f"SPS {sps:.0f} reward {mean_reward:.3f} return {ret} ETA {int(eta // 60)}m{int(eta % 60):02d}s")
 
 
-def log_iteration(writer, metrics: dict, episode_stats: EpisodeStats, global_step: int):
-    """Write the iteration's scalars; everything comes to the host in one transfer.
-    Returns (scalars by name, mean episode return or None)."""
-    host_values = torch.cat([torch.stack(list(metrics.values())), episode_stats.take()]).tolist()
+def log_iteration(writer, metrics: dict, episode_totals: torch.Tensor, global_step: int):
+    """Write the iteration's scalars; everything comes to the host in one transfer. episode_totals:
+    EpisodeStats.take() (summed over the ranks). Returns (scalars by name, mean episode return or None)."""
+    host_values = torch.cat([torch.stack(list(metrics.values())), episode_totals]).tolist()
     logged, (return_sum, length_sum, episodes) = dict(zip(metrics, host_values)), host_values[-3:]
     for key, value in logged.items():
         writer.add_scalar(key, value, global_step)
@@ -956,6 +962,11 @@ class StopRequest:
     def requested(self) -> bool:
         return self.signum is not None
 
+    def follow(self, any_rank_stops: bool):
+        """Under torchrun, a rank not signalled itself stops with the others (as after SIGTERM)."""
+        if any_rank_stops and self.signum is None:
+            self.signum = signal.SIGTERM
+
     @property
     def exit_code(self) -> int:
         return 0 if self.signum is None else 128 + self.signum
@@ -973,9 +984,10 @@ if __name__ == "__main__":
     derived = derive(args)
     require_llc_file(derived)  # fail before the simulator is built
 
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    seed = distributed.seed(args.seed)  # args.seed + rank under torchrun
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = derived.device
     flush_denormals_on_cpu(device)
@@ -983,16 +995,19 @@ if __name__ == "__main__":
         torch.set_num_threads(args.torch_threads)
 
     if args.eval_checkpoint:
-        evaluate(args, derived, load_checkpoint(args.eval_checkpoint))
+        if distributed.is_main():  # under torchrun, rank 0 evaluates and the others exit
+            evaluate(args, derived, load_checkpoint(args.eval_checkpoint))
         sys.exit(0)
+    distributed.setup(device, args.dist_timeout)  # only under torchrun: one process group, this rank's device
 
     resume_checkpoint = load_checkpoint(args.resume) if args.resume else None
     if resume_checkpoint is not None:
         run_name = resume_checkpoint["run_name"]
     else:
         run_name = f"{args.robot}-{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = distributed.broadcast_object(run_name)  # rank 0's clock
     # env, frozen LLC, policy
-    env = make_env(args, derived, derived.num_envs, seed=args.seed)
+    env = make_env(args, derived, derived.num_envs, seed=seed)
     llc = load_frozen_llc(args, derived, env)
     task_obs_size = env.get_task_obs_size()
     style_weight = resolve_style_reward_weight(args, llc, env)
@@ -1005,16 +1020,25 @@ if __name__ == "__main__":
         restore_training_state(resume_checkpoint, args.resume, agent, optimizer)
         global_step, start_iteration = resume_checkpoint["global_step"], resume_checkpoint["iteration"] + 1
         wandb_run_id = resume_checkpoint.get("wandb_run_id")
+        distributed.reseed_other_ranks(args.seed, start_iteration)  # the saved streams are rank 0's
+        if global_step != (start_iteration - 1) * derived.sim_steps_per_iteration:
+            fail(f"--resume {args.resume}: {global_step} simulator steps in {start_iteration - 1} iterations does not "
+                 f"match {derived.sim_steps_per_iteration} per iteration: resume with as many processes as wrote it")
         print(f"resumed {run_name} at global step {global_step} (iteration {start_iteration - 1})")
+    distributed.broadcast_from_main(agent)  # identical initial weights on every rank
 
     run_dir = os.path.join("runs", run_name)
-    os.makedirs(run_dir, exist_ok=True)
+    if distributed.is_main():
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+        except OSError as err:  # runs/ is a file, a read-only file system, no permission
+            fail(f"cannot create the run folder {run_dir}: {err.strerror or err}")
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
     remove_stale_temp_file(checkpoint_path)
 
     # logging: the flags with their defaults resolved, so a resumed run has the same schedule
     run_flags = resolved_flags(args, derived, style_weight)
-    if args.track:
+    if args.track and distributed.is_main():
         import wandb
 
         # W&B keeps its files in ./wandb (its default, as CleanRL): inside runs/ TensorBoard would read them, and
@@ -1024,7 +1048,7 @@ if __name__ == "__main__":
                          resume="allow" if wandb_run_id else None)
         wandb_run_id = run.id
     # on resume, TensorBoard drops what a killed run logged after its last checkpoint (no duplicate steps)
-    writer = SummaryWriter(run_dir, purge_step=global_step + 1 if resume_checkpoint is not None else None)
+    writer = distributed.summary_writer(run_dir, purge_step=global_step + 1 if resume_checkpoint is not None else None)
     if resume_checkpoint is None:
         writer.add_text("hyperparameters", hyperparameter_table(run_flags))
     print(f"{run_name}: {env.num_envs} envs on {device}, simulator {env.describe_backend()}, k = {derived.llc_steps}, "
@@ -1073,7 +1097,10 @@ if __name__ == "__main__":
             metrics["charts/style_reward"] = storage.style_rewards.mean()
         if hasattr(env, "nonfinite_resets"):
             metrics["charts/nonfinite_resets"] = env.nonfinite_resets.to(device=device, dtype=torch.float32)
-        logged, mean_return = log_iteration(writer, metrics, episode_stats, global_step)
+        episode_totals, means, any_rank_stops = distributed.reduce_iteration(  # sums and means over ranks
+            episode_stats.take(), torch.stack(list(metrics.values())), stop.requested)
+        stop.follow(any_rank_stops)
+        logged, mean_return = log_iteration(writer, dict(zip(metrics, means)), episode_totals, global_step)
         elapsed = time.time() - start_time
         sps = (global_step - start_global_step) / elapsed
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
@@ -1083,9 +1110,10 @@ if __name__ == "__main__":
         print(progress_line(iteration, derived.num_iterations, iteration - start_iteration + 1, global_step, sps, elapsed,
                             logged["charts/mean_reward"], mean_return), flush=True)
 
-        if iteration % args.checkpoint_interval == 0 or iteration == derived.num_iterations or stop.requested:
+        save_now = iteration % args.checkpoint_interval == 0 or iteration == derived.num_iterations or stop.requested
+        if save_now and distributed.is_main():
             save_checkpoint(checkpoint_path, agent, optimizer, run_flags, run_name, global_step, iteration, wandb_run_id,
-                            rollout_state(env, next_obs, episode_stats))
+                            rollout_state(env, next_obs, episode_stats) if distributed.world_size() == 1 else None)
         if stop.requested:
             print(f"stopped: checkpoint {checkpoint_path} (resume with --resume {checkpoint_path})")
             break
@@ -1093,13 +1121,14 @@ if __name__ == "__main__":
     if iteration < start_iteration:  # nothing left to do (resumed a finished run)
         print(f"{run_name} already reached iteration {derived.num_iterations}; raise --total-timesteps to train on")
     print(f"checkpoint: {checkpoint_path}")
-    if args.save_model:
+    if args.save_model and distributed.is_main():
         model_path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
         torch.save(agent.state_dict(), model_path)
         print(f"model saved to {model_path}")
-    if args.capture_video and not stop.requested:
+    if args.capture_video and not stop.requested and distributed.is_main():
         record_video(env, llc, agent, derived, task_obs_size, style_weight, os.path.join("videos", run_name, "final.mp4"))
     writer.close()
-    if args.track:
+    if args.track and distributed.is_main():
         wandb.finish()
+    distributed.finish()
     sys.exit(stop.exit_code)

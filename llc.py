@@ -148,8 +148,6 @@ class RunningMeanStd(nn.Module):
     @torch.no_grad()
     def update(self, x):
         """Merge a batch [..., *shape] into the running statistics (parallel mean/variance update)."""
-        if self.frozen_mean is not None:
-            raise RuntimeError("this normaliser belongs to a frozen LLC; its statistics cannot change")
         x = x.reshape(-1, *self.running_mean.shape).double()
         # samples with a non-finite entry are left out (no host sync: weights, not indexing)
         finite = torch.isfinite(x).reshape(x.shape[0], -1).all(-1)
@@ -159,6 +157,14 @@ class RunningMeanStd(nn.Module):
         batch_mean = (x * weight).sum(0) / batch_count.clamp_min(1)
         # unbiased batch variance as rl_games computes it; a batch of one has no spread to add
         batch_var = ((x - batch_mean) ** 2 * weight).sum(0) / (batch_count - 1).clamp_min(1)
+        self.merge(batch_mean, batch_var, batch_count)
+
+    @torch.no_grad()
+    def merge(self, batch_mean, batch_var, batch_count):
+        """Merge a batch given by its float64 mean, unbiased variance and count (distributed.py merges
+        the batches of all ranks this way)."""
+        if self.frozen_mean is not None:
+            raise RuntimeError("this normaliser belongs to a frozen LLC; its statistics cannot change")
         total_count = self.count + batch_count
         delta = batch_mean - self.running_mean
         m2 = self.running_var * self.count + batch_var * batch_count + delta**2 * self.count * batch_count / total_count

@@ -38,13 +38,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 import tyro
-from torch.utils.tensorboard import SummaryWriter
 
+import distributed
 from hrl_ppo_continuous import (FLAG_RANGES, NonfiniteGuard, NonfiniteUpdatesError, StopRequest, check_ranges,
                                 check_robot_xml, compute_gae, explained_variance, flush_denormals_on_cpu,
                                 hyperparameter_table, non_negative, positive, ppo_update, remove_stale_temp_file,
                                 rng_states, set_rng_states)
-from llc import LLCCheckpointError, build_llc, load_llc, mlp, portable_command, read_checkpoint, save_llc
+from llc import (CheckpointWriteError, LLCCheckpointError, atomic_save, build_llc, load_llc, mlp, portable_command,
+                 read_checkpoint, save_llc)
 from tasks import ROBOTS, load_robot, make_env
 from tasks.base import heading_angle, planar_into_heading, up_axis_z
 
@@ -180,6 +181,8 @@ class Args:
     """start a new run from this training state (the `.train.pt` file written next to a checkpoint)"""
     resume: Optional[str] = None
     """continue this run from its training state (`.train.pt`): same flags, run folder, checkpoint and schedule"""
+    dist_timeout: float = distributed.DEFAULT_TIMEOUT_S
+    """under torchrun: seconds a rank waits in a collective for the others before it exits with an error"""
 
     # Skill evaluation
     evaluate: Optional[str] = None
@@ -514,7 +517,7 @@ def rollout(env, model, critic, log_std, world: WorldState, storage: SkillRollou
     llc_obs_dim = storage.norm_obs.shape[-1]
     for step in range(storage.norm_obs.shape[0]):
         llc_obs = world.obs[:, :llc_obs_dim]
-        model.obs_normalizer.update(llc_obs)
+        distributed.update_normalizer(model.obs_normalizer, llc_obs)  # all ranks' worlds under torchrun
         with torch.no_grad():
             norm_obs = model.normalize_obs(llc_obs)
             command = skill.command(world.z)
@@ -650,6 +653,8 @@ def parse_args() -> Args:
 if __name__ == "__main__":
     args = parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if distributed.launched_by_torchrun() and device.type == "cuda":
+        device = torch.device("cuda", distributed.local_rank())
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
     flush_denormals_on_cpu(device)
@@ -679,43 +684,48 @@ if __name__ == "__main__":
     if args.batch_size % args.num_minibatches or args.minibatch_size < 2:
         raise SystemExit(f"error: --num-envs x --num-steps = {args.batch_size} must split into --num-minibatches "
                          f"{args.num_minibatches} equal minibatches of at least 2 transitions")
-    args.num_iterations = max(1, args.total_timesteps // args.batch_size)
+    distributed.setup(device, args.dist_timeout)  # only under torchrun: one process group, this rank's device
+    steps_per_iteration = args.num_envs * args.num_steps * distributed.world_size()  # num_envs is per rank
+    args.num_iterations = max(1, args.total_timesteps // steps_per_iteration)
     resuming = args.resume is not None
-    run_name = init_state["run_name"] if resuming else f"{args.robot}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = init_state["run_name"] if resuming else distributed.broadcast_object(
+        f"{args.robot}__{args.exp_name}__{args.seed}__{int(time.time())}")
     checkpoint_path = init_state["checkpoint_path"] if resuming else args.checkpoint_path or f"runs/{run_name}/llc.pt"
     train_state_path = os.path.splitext(checkpoint_path)[0] + ".train.pt"
     for path in (checkpoint_path, train_state_path):
         remove_stale_temp_file(path)
-    if args.track:
+    if args.track and distributed.is_main():
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, save_code=True, id=init_state.get("wandb_run_id") if resuming else None,
                    resume="allow" if resuming else None)
     # on resume, TensorBoard drops what a stopped run logged after its last checkpoint (no duplicate steps)
-    writer = SummaryWriter(f"runs/{run_name}", purge_step=int(init_state["global_step"]) + 1 if resuming else None)
+    writer = distributed.summary_writer(f"runs/{run_name}",  # rank 0 only
+                                        purge_step=int(init_state["global_step"]) + 1 if resuming else None)
     if not resuming:
         writer.add_text("hyperparameters", hyperparameter_table(args))
 
     # seeding
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    seed = distributed.seed(args.seed)  # args.seed + rank under torchrun
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    latent_generator = torch.Generator(device=device).manual_seed(args.seed)
+    latent_generator = torch.Generator(device=device).manual_seed(seed)
 
     # env setup: task "none", the LLC sees the observation without a task part
-    env = make_env(robot=args.robot, task="none", num_envs=args.num_envs, device=str(device), seed=args.seed,
+    env = make_env(robot=args.robot, task="none", num_envs=args.num_envs, device=str(device), seed=seed,
                    backend=args.env_backend, sim_threads=args.sim_threads, verbose=args.sim_verbose, robot_xml=args.robot_xml)
     print(f"{run_name}: {args.num_envs} envs on {device}, simulator {env.describe_backend()}")
     llc_obs_dim = env.num_obs - env.get_task_obs_size()
     action_dim = env.num_actions
     skill = Skill(make_skill_projection(latent_dim, args.skill_seed).to(device), max_speed, args.max_yaw_rate)
     print(f"{run_name}: {args.robot}, {args.num_envs} envs on {device}, latent {latent_dim}, "
-          f"{args.num_iterations} iterations x {args.batch_size} control steps -> {checkpoint_path}")
-    if args.num_iterations * args.batch_size != args.total_timesteps:
-        print(f"note: --total-timesteps {args.total_timesteps} is not a whole number of iterations of "
-              f"{args.batch_size} control steps (--num-envs x --num-steps): running {args.num_iterations * args.batch_size}")
+          f"{args.num_iterations} iterations x {steps_per_iteration} control steps -> {checkpoint_path}")
+    if args.num_iterations * steps_per_iteration != args.total_timesteps:
+        print(f"note: --total-timesteps {args.total_timesteps} is not a whole number of iterations of {steps_per_iteration} "
+              f"control steps (--num-envs x --num-steps x processes): running {args.num_iterations * steps_per_iteration}")
 
     # actor (the LLC), critic, exploration noise
     model = build_llc(llc_obs_dim, latent_dim, action_dim, arch=args.llc_arch, hidden=tuple(args.llc_hidden),
@@ -732,6 +742,7 @@ if __name__ == "__main__":
         log_std.data.copy_(init_state["log_std"])
         optimizer.load_state_dict(init_state["optimizer"])
         steps_done_before, wall_time_before = int(init_state["global_step"]), float(init_state["wall_time_s"])
+    distributed.broadcast_from_main(model, critic, log_std)  # identical initial weights on every rank
 
     metadata = {
         "robot": args.robot, "robot_xml": args.robot_xml, **env_control_settings(env),
@@ -748,17 +759,18 @@ if __name__ == "__main__":
     }
 
     def save_checkpoint(global_step: int, iteration: int, wall_time_s: float):
-        os.makedirs(os.path.dirname(os.path.abspath(checkpoint_path)), exist_ok=True)
         wall_time_s = wall_time_before + wall_time_s  # includes the runs this one continues
-        save_llc(checkpoint_path, model, {**metadata, "total_timesteps": global_step, "wall_time_s": round(wall_time_s, 1)})
-        # the PPO state (critic, noise, optimiser) to continue training with --init-from
-        tmp_path = train_state_path + ".tmp"
-        torch.save({"model": model.state_dict(), "critic": critic.state_dict(), "log_std": log_std.detach(),
-                    "optimizer": optimizer.state_dict(), "global_step": global_step, "wall_time_s": wall_time_s,
-                    "skill_settings": skill_settings, "args": asdict(args), "run_name": run_name, "iteration": iteration,
-                    "checkpoint_path": checkpoint_path, "rng": rng_states(), "latent_rng": latent_generator.get_state(),
-                    "wandb_run_id": wandb.run.id if args.track else None}, tmp_path)
-        os.replace(tmp_path, train_state_path)
+        try:  # a full disk, an unwritable folder or NaN in the networks stop the run; the previous files are kept
+            save_llc(checkpoint_path, model, {**metadata, "total_timesteps": global_step,
+                                              "wall_time_s": round(wall_time_s, 1)})
+            # the PPO state (critic, noise, optimiser) to continue training with --resume / --init-from
+            atomic_save({"model": model.state_dict(), "critic": critic.state_dict(), "log_std": log_std.detach(),
+                        "optimizer": optimizer.state_dict(), "global_step": global_step, "wall_time_s": wall_time_s,
+                        "skill_settings": skill_settings, "args": asdict(args), "run_name": run_name, "iteration": iteration,
+                        "checkpoint_path": checkpoint_path, "rng": rng_states(), "latent_rng": latent_generator.get_state(),
+                        "wandb_run_id": wandb.run.id if args.track else None}, train_state_path)
+        except CheckpointWriteError as err:
+            raise SystemExit(f"error: stopping: {err}")
 
     storage = SkillRolloutStorage.allocate(args.num_steps, args.num_envs, llc_obs_dim, latent_dim, action_dim, device)
     stats = torch.zeros(8, device=device)  # return sum, length sum, episodes, falls, vel/yaw tracking, speed/yaw errors
@@ -776,6 +788,7 @@ if __name__ == "__main__":
     if resuming:  # the random streams continue; the worlds restart from a reset (their state is not saved)
         set_rng_states(init_state["rng"])
         latent_generator.set_state(init_state["latent_rng"])
+        distributed.reseed_other_ranks(args.seed, start_iteration)  # the saved streams are rank 0's
         print(f"resumed {run_name} at control step {global_step} (iteration {start_iteration - 1})")
     stop = StopRequest(train_state_path)
     iteration = start_iteration - 1
@@ -785,7 +798,7 @@ if __name__ == "__main__":
             optimizer.param_groups[0]["lr"] = frac * args.learning_rate
         stats.zero_()
         rollout(env, model, critic, log_std, world, storage, skill, latent_generator, stats, args)
-        global_step += args.batch_size
+        global_step += steps_per_iteration
 
         with torch.no_grad():  # GAE; the last step bootstraps from the value of the state it left
             last_value = critic_value(critic, model.normalize_obs(world.obs[:, :llc_obs_dim]), world.z,
@@ -798,6 +811,10 @@ if __name__ == "__main__":
         except NonfiniteUpdatesError as err:
             raise SystemExit(f"error: {err}: training diverged (a smaller --learning-rate may help); stopping without "
                              f"writing, the last checkpoint {checkpoint_path} is kept")
+        totals, means, any_rank_stops = distributed.reduce_iteration(  # sums and means over ranks
+            stats[:4], torch.cat([stats[4:], torch.stack(list(metrics.values()))]), stop.requested)
+        stats, metrics = torch.cat([totals, means[:4]]), dict(zip(metrics, means[4:]))
+        stop.follow(any_rank_stops)
 
         elapsed = time.time() - start_time
         sps = int((global_step - steps_done_before) / elapsed)
@@ -808,7 +825,8 @@ if __name__ == "__main__":
               f"yaw_err {shown['yaw_rate_error']:.3f} rad/s | std {shown['action_std']:.3f} | "
               f"ETA {int(eta_s // 60)}m{int(eta_s % 60):02d}s", flush=True)
 
-        if iteration % args.save_interval == 0 or iteration == args.num_iterations or stop.requested:
+        if (iteration % args.save_interval == 0 or iteration == args.num_iterations or stop.requested) \
+                and distributed.is_main():
             save_checkpoint(global_step, iteration, time.time() - start_time)
         if stop.requested:
             print(f"stopped: {checkpoint_path} (resume with --resume {train_state_path})")
@@ -816,4 +834,5 @@ if __name__ == "__main__":
 
     print(f"wrote {checkpoint_path} ({global_step} control steps, {time.time() - start_time:.0f} s)")
     writer.close()
+    distributed.finish()
     sys.exit(stop.exit_code)

@@ -90,3 +90,11 @@ def test_torchrl_loop_is_the_trainers_hierarchical_step():
         out, td = torchrl_env.step_and_maybe_reset(td.set("latent", z[:, None].expand(-1, LLC_STEPS, -1)))
         assert torch.allclose(out["next", "reward"].mean(1).squeeze(-1), step.reward, atol=1e-6)
     assert torch.equal(ours.sim.qpos, theirs.sim.qpos)
+
+
+def test_bench_scaling_prints_one_and_two_processes_with_their_ratio():
+    stdout = run_bench("bench_scaling.py", "--script", "llc_pretrain", "--num-envs", "2", "--iterations", "2", "--no-cuda")
+    one_process, two_processes = table_row(stdout, ["llc_pretrain", "1"]), table_row(stdout, ["llc_pretrain", "2"])
+    assert one_process[0] == 2 and two_processes[0] == 4  # envs over all processes
+    assert one_process[1] > 0 and one_process[2] == 1.0
+    assert two_processes[1] > 0 and abs(two_processes[2] - two_processes[1] / one_process[1]) < 0.01 + 0.01 * two_processes[2]

@@ -143,3 +143,23 @@ def test_half_the_iterations_then_resume_equals_all_at_once(tmp_path, llc):
     for tag in logged_a:
         assert [step for step, _ in logged_b[tag]] == [step for step, _ in logged_a[tag]], tag
         assert [value for _, value in logged_b[tag]] == pytest.approx([value for _, value in logged_a[tag]], abs=1e-6), tag
+
+
+def test_an_unwritable_run_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "runs").write_text("a file where the run folders should go")
+    result = subprocess.run([sys.executable, SCRIPT, *RUN, "--total-timesteps", "16"], cwd=tmp_path, env=ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "cannot create the run folder runs/" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    agent = hrl.Agent(5, 3, hidden_sizes=(8,))
+    optimizer = hrl.make_optimizer(agent, hrl.Args())
+    path = str(tmp_path / "checkpoint.pt")
+    hrl.save_checkpoint(path, agent, optimizer, hrl.Args(), "run", 8, 1)
+    with torch.no_grad():
+        agent.critic[0].weight[0, 0] = float("nan")  # a blown-up policy never replaces a good checkpoint
+    with pytest.raises(SystemExit, match="stopping: .*critic.0.weight"):
+        hrl.save_checkpoint(path, agent, optimizer, hrl.Args(), "run", 16, 2)
+    assert hrl.load_checkpoint(path)["global_step"] == 8 and not os.path.exists(path + ".tmp")
