@@ -610,7 +610,7 @@ def test_native_version_1_without_digest_still_loads(tmp_path):
 
 
 def test_shipped_native_checkpoints_carry_a_valid_digest():
-    for path in [REPO_ROOT / "checkpoints" / "llc_ant.pt", REPO_ROOT / "checkpoints" / "wip" / "llc_humanoid_part1.pt"]:
+    for path in [REPO_ROOT / "checkpoints" / "llc_ant.pt", REPO_ROOT / "checkpoints" / "wip" / "llc_humanoid_part2.pt"]:
         checkpoint = torch.load(path, weights_only=True)
         assert checkpoint["version"] == 2 and checkpoint["digest"] == native_digest(checkpoint), path
         load_llc(path)
