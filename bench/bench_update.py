@@ -26,7 +26,7 @@ import torch
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_DIR)
 from bench.bench_sim import cpu_model_name  # noqa: E402
-from hrl_ppo_continuous import Agent, Args, flush_denormals_on_cpu, ppo_update  # noqa: E402
+from hrl_ppo_continuous import Agent, Args, RolloutStorage, flush_denormals_on_cpu, update_policy  # noqa: E402
 
 OBS, ACTIONS, NUM_ENVS, NUM_STEPS = 228, 28, 64, 32  # the flat humanoid on the heading task
 SUBNORMAL = 1e-40  # float32 subnormal
@@ -43,14 +43,16 @@ def make_update(dead_fraction: float, seed: int = 0):
     with torch.no_grad():
         b_actions, b_logprobs, _, _, _ = agent.get_action_and_value(b_obs)
     b_returns = torch.randn(batch)
-    data = (b_obs, b_actions, b_logprobs, torch.randn(batch), b_returns, b_returns + 0.1 * torch.randn(batch))
-    ppo_update(agent, optimizer, *data, args, batch // args.num_minibatches)  # creates Adam's state
+    storage = RolloutStorage(b_obs[None], b_actions[None], b_logprobs[None], torch.zeros(1, batch), torch.zeros(1, batch),
+                             (b_returns + 0.1 * torch.randn(batch))[None], torch.zeros(1, batch), torch.zeros(1, batch))
+    data = (storage, torch.randn(1, batch), b_returns[None])
+    update_policy(agent, optimizer, *data, args, batch // args.num_minibatches)  # creates Adam's state
     first_layer, second_layer = agent.critic[0], agent.critic[2]
     dead = torch.rand(first_layer.out_features) < dead_fraction
     with torch.no_grad():
         first_layer.bias[dead] = -1e4  # never fires: zero gradient to the weights it feeds
         optimizer.state[second_layer.weight]["exp_avg"][:, dead] = SUBNORMAL
-    return lambda: ppo_update(agent, optimizer, *data, args, batch // args.num_minibatches)
+    return lambda: update_policy(agent, optimizer, *data, args, batch // args.num_minibatches)
 
 
 def time_update(update, flush: bool) -> float:
