@@ -149,23 +149,22 @@ def update_normalizer(normalizer, x: torch.Tensor):
     """normalizer.update(x) with the batches of all ranks merged: every rank's RunningMeanStd ends identical,
     equal (up to float64 rounding) to one process's update with all ranks' samples.
 
-    Each rank's (count, mean, sum of squared deviations) is all-gathered and combined in rank order
-    (Chan et al.'s parallel formula), then merged as one batch with its unbiased variance."""
+    Each rank's (count, mean, sum of squared deviations) of its finite samples (RunningMeanStd.batch_moments)
+    is all-gathered and combined in rank order (Chan et al.'s parallel formula), then merged as one batch
+    with its unbiased variance."""
     if not active():
         normalizer.update(x)
         return
     shape = normalizer.running_mean.shape
-    x = x.reshape(-1, *shape).double()
-    mean = x.mean(0)
-    local = torch.cat([torch.full((1,), x.shape[0], dtype=torch.float64, device=x.device), mean.reshape(-1),
-                       ((x - mean) ** 2).sum(0).reshape(-1)])
+    count, mean, var = normalizer.batch_moments(x)
+    local = torch.cat([count.reshape(1), mean.reshape(-1), (var * (count - 1).clamp_min(1)).reshape(-1)])
     gathered = [torch.empty_like(local) for _ in range(world_size())]
     dist.all_gather(gathered, local)
     stats = torch.stack(gathered)
     size = mean.numel()
     counts, means, squares = stats[:, :1], stats[:, 1 : 1 + size], stats[:, 1 + size :]
     total = counts.sum()
-    batch_mean = (counts * means).sum(0) / total
+    batch_mean = (counts * means).sum(0) / total.clamp_min(1.0)  # no finite sample on any rank: nothing to add
     m2 = squares.sum(0) + (counts * (means - batch_mean) ** 2).sum(0)
     batch_var = m2 / (total - 1).clamp_min(1.0)  # unbiased, as RunningMeanStd.update (one sample: no spread)
     normalizer.merge(batch_mean.reshape(shape), batch_var.reshape(shape), total)

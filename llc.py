@@ -148,6 +148,12 @@ class RunningMeanStd(nn.Module):
     @torch.no_grad()
     def update(self, x):
         """Merge a batch [..., *shape] into the running statistics (parallel mean/variance update)."""
+        batch_count, batch_mean, batch_var = self.batch_moments(x)
+        self.merge(batch_mean, batch_var, batch_count)
+
+    @torch.no_grad()
+    def batch_moments(self, x):
+        """(count, mean, unbiased variance) in float64 of the finite samples of a batch [..., *shape]."""
         x = x.reshape(-1, *self.running_mean.shape).double()
         # samples with a non-finite entry are left out (no host sync: weights, not indexing)
         finite = torch.isfinite(x).reshape(x.shape[0], -1).all(-1)
@@ -157,7 +163,7 @@ class RunningMeanStd(nn.Module):
         batch_mean = (x * weight).sum(0) / batch_count.clamp_min(1)
         # unbiased batch variance as rl_games computes it; a batch of one has no spread to add
         batch_var = ((x - batch_mean) ** 2 * weight).sum(0) / (batch_count - 1).clamp_min(1)
-        self.merge(batch_mean, batch_var, batch_count)
+        return batch_count, batch_mean, batch_var
 
     @torch.no_grad()
     def merge(self, batch_mean, batch_var, batch_count):
