@@ -62,7 +62,8 @@ from torch.distributions.normal import Normal
 from typing_extensions import Annotated  # typing.Annotated needs Python 3.9; Isaac Gym runs on 3.8
 
 import distributed
-from llc import CheckpointWriteError, LLCCheckpointError, RunningMeanStd, atomic_save, load_llc, mlp, read_checkpoint
+from llc import (CheckpointWriteError, LLCCheckpointError, RunningMeanStd, atomic_save, infer_local_root_obs, load_llc, mlp,
+                 read_ase_env_local_root_obs, read_checkpoint)
 from tasks import ROBOTS, TASKS, load_robot_spec  # names only: robot and task modules load lazily
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -120,6 +121,8 @@ class Args:
     """frozen LLC checkpoint (native or ASE/rl_games); `none` = flat PPO on joint actions (k = 1)"""
     llc_config: Optional[str] = None
     """ASE training yaml of an rl_games LLC checkpoint, to cross-check its network sizes"""
+    llc_env_config: Optional[str] = None
+    """ASE env yaml the LLC was trained with (e.g. humanoid_ase_sword_shield_getup.yaml), to cross-check env.localRootObs"""
     llc_steps: Annotated[Optional[int], default_is("5 as in ASE; 1 for the flat baseline")] = None
     """k: simulator (control) steps per high-level action"""
     style_reward_weight: Annotated[Optional[float], default_is(
@@ -374,7 +377,32 @@ def load_frozen_llc(args: Args, derived: Derived, env):
         fail(f"LLC {path} was trained for robot {trained_robot!r}, but --robot is {args.robot!r}")
     if trained_dt is not None and abs(trained_dt - env.control_dt) > 1e-6:
         print(f"warning: LLC {path} was trained at control_dt {trained_dt} s, the env steps {env.control_dt} s")
+    check_local_root_obs(args, llc, env, path)
     return llc
+
+
+def check_local_root_obs(args: Args, llc, env, path: str):
+    """The LLC must see its root rotation as it was trained: ASE's localRootObs from the native checkpoint's
+    metadata, ASE's env yaml (--llc-env-config) or, for rl_games checkpoints, the normalisers' statistics."""
+    env_setting = getattr(env, "local_root_obs", None)
+    if env_setting is None:  # the robot has no such setting (the ant, Isaac Gym tasks)
+        return
+    try:
+        sources = []
+        if "local_root_obs" in llc.metadata:
+            sources.append((llc.metadata["local_root_obs"], f"{path} (its metadata)"))
+        if args.llc_env_config is not None:
+            sources.append((read_ase_env_local_root_obs(args.llc_env_config), f"{args.llc_env_config} (env.localRootObs)"))
+        if llc.source_format == "rl_games":
+            inferred, why = infer_local_root_obs(llc)
+            if inferred is not None:
+                sources.append((inferred, f"{path} ({why})"))
+    except LLCCheckpointError as err:
+        fail(str(err))
+    for value, source in sources:
+        if value != env_setting:
+            fail(f"the LLC was trained with localRootObs {value}, from {source}; the env uses {env_setting}: "
+                 f"run {'with' if value else 'without'} --local-root-obs")
 
 
 def resolve_style_reward_weight(args: Args, llc, env) -> float:

@@ -344,6 +344,8 @@ def env_control_settings(env) -> dict:
     """Control settings of the env, as far as it exposes them: timing, PD target = offset + scale * action
     (rad), and the PD gains of MuJoCo <position> actuators (kp in N m/rad, kv in N m s/rad)."""
     settings = {"control_dt": float(env.control_dt), "max_episode_length": int(env.max_episode_length)}
+    if isinstance(getattr(env, "local_root_obs", None), bool):  # ASE's localRootObs (humanoid), checked by the trainer
+        settings["local_root_obs"] = env.local_root_obs
     for name in ("physics_dt", "decimation", "pd_offset", "pd_scale"):
         value = getattr(env, name, None)
         if torch.is_tensor(value):
