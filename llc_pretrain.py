@@ -10,7 +10,8 @@ rates, and a high-level policy can steer the frozen LLC by choosing z.
 
 Train (control steps counted over all worlds):
     python llc_pretrain.py --robot ant --num-envs 128 --total-timesteps 8331264 --checkpoint-path checkpoints/llc_ant.pt
-Evaluate the skills of a checkpoint (64 latents held 5 s each, fall rate and reach per direction):
+Evaluate the skills of a checkpoint against its robot's bar (64 latents held 5 s each; falls, reach and top
+speed per direction; the zero-command latent standing):
     python llc_pretrain.py --evaluate checkpoints/llc_ant.pt
 """
 
