@@ -516,9 +516,7 @@ def evaluate_skills(checkpoint_path: str, args: Args, device: torch.device) -> d
         going = target
         result.update(command_following(final_displacement[:num_latents], target, fell[:num_latents]))
     if zero_world:
-        result.update(zero_command_fell=bool(fell[-1]),
-                      zero_command_max_drift_m=float(trajectory[:, -1].norm(dim=-1).max()),
-                      zero_command_speed_mps=float(vel_cmd[-1].norm()), zero_command_yaw_rate=float(yaw_rate_cmd[-1]))
+        result.update(zero_command_report(trajectory[:, -1], fell[-1], vel_cmd[-1], yaw_rate_cmd[-1]))
     fell, final_displacement = fell[:num_latents], final_displacement[:num_latents]
     stood = ~fell
     result.update(falls=int(fell.sum()), fall_rate=float(fell.float().mean()),
@@ -527,6 +525,13 @@ def evaluate_skills(checkpoint_path: str, args: Args, device: torch.device) -> d
     result.update(skill_bar(result, load_robot(robot)))
     print_skill_table(result)
     return result
+
+
+def zero_command_report(trajectory, fell, vel_cmd, yaw_rate_cmd) -> dict:
+    """The world that held the zero-command latent: its root trajectory [T + 1, 2] (m, from the start),
+    whether it fell, and its command (checked to be zero: planar velocity [2], m/s, and yaw rate, rad/s)."""
+    return {"zero_command_fell": bool(fell), "zero_command_max_drift_m": float(trajectory.norm(dim=-1).max()),
+            "zero_command_speed_mps": float(vel_cmd.norm()), "zero_command_yaw_rate": float(yaw_rate_cmd)}
 
 
 def command_following(displacement, target, fell) -> dict:
