@@ -3,6 +3,7 @@ tiny budget, and the Isaac Gym path through the fake modules in tests/fake_isaac
 import glob
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -100,6 +101,8 @@ def test_eval_checkpoint_prints_a_return(trained_run):
     (run_dir,) = run_dirs(cwd)
     result = run(["--eval-checkpoint", os.path.join(run_dir, "checkpoint.pt"), "--eval-episodes", "2"], cwd)
     assert "mean return" in result.stdout and "over 2 episodes" in result.stdout
+    speed = float(re.search(r"mean root speed (\S+) m/s \(planar path / time\)", result.stdout).group(1))
+    assert 0.0 <= speed < 20.0
     assert run_dirs(cwd) == [run_dir]  # evaluation writes no run
 
 
