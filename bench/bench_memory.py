@@ -230,11 +230,14 @@ def parse_args(argv=None):
     parser.add_argument("--task", default="heading", choices=["heading", "location", "none"])
     parser.add_argument("--num-envs", nargs="+", type=int, default=None,
                         help="worlds (default 64 128 256 512 on the CPU, 1024 4096 16384 on CUDA)")
-    parser.add_argument("--num-steps", type=int, default=32, help="high-level steps per world per iteration (the trainer's)")
-    parser.add_argument("--iterations", type=int, default=1, help="trainer iterations per N (Adam's state is made in the first)")
+    parser.add_argument("--num-steps", type=int, default=32,
+                        help="high-level steps per world per iteration (the trainer's)")
+    parser.add_argument("--iterations", type=int, default=1,
+                        help="trainer iterations per N (Adam's state is made in the first)")
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backend", default="auto", choices=["auto", "mjwarp", "mujoco"],
-                        help="auto: mjwarp on CUDA, mujoco on the CPU; mjwarp on the CPU holds MuJoCo Warp's arrays in host memory")
+                        help="auto: mjwarp on CUDA, mujoco on the CPU; "
+                             "mjwarp on the CPU holds MuJoCo Warp's arrays in host memory")
     parser.add_argument("--sim-threads", type=int, default=None, help="C MuJoCo threads (default: all cores)")
     parser.add_argument("--torch-threads", type=int, default=1, help="torch threads (0: torch's default), as bench_hrl.py")
     parser.add_argument("--budget-gib", type=float, default=40.0, help="memory budget for the largest-N line")

@@ -72,7 +72,8 @@ STEPS=(
     "bench_hrl_humanoid|120|$PYTHON bench/bench_hrl.py --robot humanoid --llc-checkpoint random --num-envs 1024 4096 16384"
     "bench_memory|150|$PYTHON bench/bench_memory.py --robots humanoid ant --num-envs 1024 4096 16384 --timeout 75"
     "bench_hrl_ant|90|$PYTHON bench/bench_hrl.py --robot ant --num-envs 1024 4096 16384"
-    "bench_sim|60|$PYTHON bench/bench_sim.py --robots ant humanoid --num-envs 1024 4096 16384 --backends mjwarp --no-reference --steps 100"
+    "bench_sim|60|$PYTHON bench/bench_sim.py --robots ant humanoid --num-envs 1024 4096 16384 --backends mjwarp \
+--no-reference --steps 100"
 )
 
 run_step() {
@@ -107,7 +108,8 @@ fi
 
 mkdir -p "$OUT_DIR" || exit 1
 : >"$OUT_DIR/summary.txt"
-echo "gpu check: output to $OUT_DIR, total budget $BUDGET_S s, $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null)" \
+COMMIT=$(git rev-parse --short HEAD 2>/dev/null)
+echo "gpu check: output to $OUT_DIR, total budget $BUDGET_S s, $(date -u +%FT%TZ), commit $COMMIT" \
     | tee -a "$OUT_DIR/summary.txt"
 for step in "${STEPS[@]}"; do
     IFS='|' read -r name limit command <<<"$step"
