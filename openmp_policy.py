@@ -9,6 +9,8 @@ at its end for a thread that the scheduler has set aside. Measured on a 2-core m
 other jobs (load 5.6-6.4), flat humanoid, 64 worlds x 32 steps, MuJoCo Warp on the CPU, 2 torch
 threads: one PPO update 41-64 s and one rollout 21 s with the default policy, against 3.7-5.2 s and
 4-5 s with OMP_WAIT_POLICY=PASSIVE (threads sleep at once); 1 torch thread: 3.1-3.8 s and 4.7 s.
+Whole flat humanoid runs (same machine, load 3.9-5.0, 2 torch threads), passive against default:
+277-280 against 100-103 simulator steps/s on MuJoCo Warp, 408-448 against 163-189 on C MuJoCo.
 `bench/bench_update.py --neighbours 1` measures it.
 
 libgomp reads its settings once, when torch loads it, so the scripts call `wait_passively` before
