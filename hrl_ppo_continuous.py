@@ -11,6 +11,8 @@ import os
 import signal
 import sys
 
+import openmp_policy
+
 
 def interrupted_at_start(signum, frame):
     print("\ninterrupted during start-up: nothing was written", file=sys.stderr, flush=True)
@@ -19,6 +21,7 @@ def interrupted_at_start(signum, frame):
 
 if __name__ == "__main__":  # Ctrl-C while torch and the simulator load: a message, not an import traceback
     signal.signal(signal.SIGINT, interrupted_at_start)
+    openmp_policy.wait_passively()  # before torch loads its OpenMP runtime (see openmp_policy.py)
 
 
 def requested_backend(argv: list) -> str:
@@ -216,10 +219,13 @@ def flush_denormals_on_cpu(device: torch.device) -> bool:
 
     CPU arithmetic on subnormals is 10-100x slower. Adam's first moment of a weight whose gradient is
     exactly zero (the outgoing weights of a dead ReLU unit) decays by beta1 = 0.9 per step through
-    that range, and a flat humanoid run gathers hundreds of such weights. Resuming one such run at
-    80k steps on MuJoCo Warp's CPU path, flushing took it from 53-60 to 72-117 simulator steps/s with
-    the same rewards (most of what remained was torch's threads contending: see --torch-threads).
-    No learning signal lives below 1e-38, so flushing changes no result that matters."""
+    that range: a flat humanoid run on MuJoCo Warp held 456 of them at iteration 40 unflushed (flushed,
+    they become zeros). They cost the update only 2-7% (bench/bench_update.py); the 20x slower updates of
+    that run came from torch's OpenMP threads spinning on a shared CPU (openmp_policy.py). Flushing
+    is kept because it is free and no learning signal lives below 1e-38.
+    It sets the calling thread's control register (MXCSR), and torch's OpenMP threads copy it when
+    they are created, at torch's first parallel operation: call it before that, or those threads keep
+    computing subnormals (measured: one half of a 2-thread product stayed subnormal)."""
     return device.type == "cpu" and torch.set_flush_denormal(True)
 
 

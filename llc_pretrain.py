@@ -23,6 +23,7 @@ import signal
 import sys
 import time
 
+import openmp_policy
 
 
 def interrupted_at_start(signum, frame):
@@ -32,6 +33,7 @@ def interrupted_at_start(signum, frame):
 
 if __name__ == "__main__":  # Ctrl-C while torch and the simulator load: a message, not an import traceback
     signal.signal(signal.SIGINT, interrupted_at_start)
+    openmp_policy.wait_passively()  # before torch loads its OpenMP runtime (see openmp_policy.py)
 from dataclasses import asdict, dataclass, fields
 from typing import Annotated, Literal, NamedTuple, Optional, Tuple
 
@@ -781,9 +783,9 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if distributed.launched_by_torchrun() and device.type == "cuda":
         device = torch.device("cuda", distributed.local_rank())
+    flush_denormals_on_cpu(device)  # before torch's first parallel operation creates its threads
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
-    flush_denormals_on_cpu(device)
     if args.evaluate is not None:
         try:
             evaluate_skills(args.evaluate, args, device)

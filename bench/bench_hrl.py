@@ -127,22 +127,36 @@ def trainer_args(high_level_steps, num_envs):
     return args
 
 
-def make_trainer_iteration(env, llc, args):
-    agent = Agent(env.num_obs, llc.latent_dim, args.hidden_sizes, args.init_log_std, args.learned_log_std,
+def make_trainer_parts(env, llc, args):
+    """The trainer's rollout() and its GAE + update_policy(), as two calls; llc None: flat PPO (k = 1)."""
+    action_size, llc_steps = (env.num_actions, 1) if llc is None else (llc.latent_dim, LLC_STEPS)
+    agent = Agent(env.num_obs, action_size, args.hidden_sizes, args.init_log_std, args.learned_log_std,
                   args.normalize_obs, args.normalize_value).to(env.device)
     optimizer = make_optimizer(agent, args)
-    storage = RolloutStorage.allocate(args.num_steps, env.num_envs, env.num_obs, llc.latent_dim, env.device)
+    storage = RolloutStorage.allocate(args.num_steps, env.num_envs, env.num_obs, action_size, env.device)
     stats = EpisodeStats(env.num_envs, env.device)
     task_obs_size = env.get_task_obs_size()
     minibatch_size = env.num_envs * args.num_steps // args.num_minibatches
     state = {"obs": env.reset()["obs"]}
 
-    def iteration():
-        state["obs"] = rollout(env, llc, agent, state["obs"], storage, LLC_STEPS, task_obs_size, 0.0, stats)
+    def rollout_part():
+        state["obs"] = rollout(env, llc, agent, state["obs"], storage, llc_steps, task_obs_size, 0.0, stats)
+
+    def update_part():
         advantages, returns = compute_gae(storage.rewards, storage.values, storage.next_values, storage.dones,
                                           args.gamma, args.gae_lambda)
         metrics = update_policy(agent, optimizer, storage, advantages, returns, args, minibatch_size)
         torch.stack([value.float() for value in metrics.values()]).cpu()  # the trainer's one logging transfer
+
+    return agent, rollout_part, update_part
+
+
+def make_trainer_iteration(env, llc, args):
+    agent, rollout_part, update_part = make_trainer_parts(env, llc, args)
+
+    def iteration():
+        rollout_part()
+        update_part()
 
     return agent, iteration
 

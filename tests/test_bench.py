@@ -144,3 +144,29 @@ def test_gpu_wheels_refuses_a_package_requirements_txt_does_not_name(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "nosuch is not a package of" in result.stderr and "mujoco-warp" in result.stderr
     assert not list(tmp_path.glob("*.whl"))
+
+
+def markdown_row(stdout, name):
+    """The numbers after the first cell of the markdown table row whose first cell is `name`."""
+    for line in stdout.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if cells[0] == name:
+            return [float(cell) for cell in cells[1:]]
+    raise AssertionError(f"no row {name!r} in:\n{stdout}")
+
+
+def test_bench_update_prints_each_setting_beside_its_reference():
+    stdout = run_bench("bench_update.py", "--num-envs", "4", "--num-steps", "4", "--neighbours", "0")
+    assert "trainer flushes subnormals: True" in stdout
+    reference, one = markdown_row(stdout, "reference (no dead units)")
+    assert reference > 0 and one == 1.0
+    for state in ("dead units, trainer's setting", "dead units, subnormals not flushed"):
+        update, ratio = markdown_row(stdout, state)
+        assert update > 0 and abs(ratio - update / reference) < 0.01 + 0.01 * ratio
+    assert "flat humanoid on MuJoCo Warp (CPU), 4 envs x 4 steps" in stdout
+    scripts_threads, _, scripts_update, one = markdown_row(stdout, "scripts' setting")
+    assert scripts_update > 0 and one == 1.0
+    for setting, threads in (("libgomp's default (spins)", scripts_threads), ("scripts' setting, 1 torch thread", 1)):
+        row_threads, rollout, update, ratio = markdown_row(stdout, setting)
+        assert row_threads == threads and min(rollout, update) > 0
+        assert abs(ratio - update / scripts_update) < 0.01 + 0.01 * ratio

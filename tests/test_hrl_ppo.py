@@ -499,6 +499,32 @@ def test_subnormals_are_flushed_on_cpu_only():
     assert not flush_denormals_on_cpu(torch.device("meta"))
 
 
+FLUSH_IN_EVERY_THREAD = """
+import sys, torch
+sys.path.insert(0, {repo!r})
+from hrl_ppo_continuous import flush_denormals_on_cpu
+torch.set_num_threads(2)
+if {parallel_first}:
+    (torch.ones(1 << 22) * 2).sum()  # torch's OpenMP threads start here, before the flush
+flush_denormals_on_cpu(torch.device("cpu"))
+tiny = torch.full((1 << 22,), 1e-20) * torch.full((1 << 22,), 1e-20)  # 1e-40 unless the computing thread flushes
+print(int((tiny != 0).sum()))
+"""
+
+
+@pytest.mark.parametrize("parallel_first, subnormals_left", [(False, 0), (True, 1 << 21)])
+def test_flush_reaches_torchs_threads_only_when_it_comes_first(parallel_first, subnormals_left):
+    """The scripts flush before any parallel operation: torch's OpenMP threads copy the setting when
+    created, so after a parallel operation the second thread's half of a 2-thread product stays subnormal."""
+    import subprocess
+
+    code = FLUSH_IN_EVERY_THREAD.format(repo=REPO_DIR, parallel_first=parallel_first)
+    env = {name: value for name, value in os.environ.items() if name != "OMP_NUM_THREADS"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert int(result.stdout.split()[-1]) == subnormals_left
+
+
 # ------------------------------------------------------------------ numerical faults
 def tiny_update_batch(agent, n=8, bad_advantage=False):
     generator = torch.Generator().manual_seed(0)
