@@ -197,7 +197,7 @@ class BatchedEnv:
         self.initial_qpos.copy_(torch.where(mask, self.sim.qpos, self.initial_qpos))
         self.initial_qvel.copy_(torch.where(mask, self.sim.qvel, self.initial_qvel))
         self._clear_dynamics(reset_mask)
-        self.sim.time.copy_(torch.where(reset_mask, torch.zeros_like(self.sim.time), self.sim.time))
+        self.sim.time.masked_fill_(reset_mask, 0.0)
         self.sim.ctrl.copy_(torch.where(mask, self.pd_offset.expand_as(self.sim.ctrl), self.sim.ctrl))
         self.progress.masked_fill_(reset_mask, 0)
         for buf in (self.done_buf, self.terminate_buf, self.time_outs_buf):
@@ -249,7 +249,7 @@ class BatchedEnv:
         bad_output = ~(torch.isfinite(reward) & torch.isfinite(obs).all(-1)) & ~nonfinite
         self.nonfinite_resets += bad_output.sum()
         nonfinite = nonfinite | bad_output
-        reward = torch.where(nonfinite, torch.zeros_like(reward), reward)
+        reward = torch.where(nonfinite, 0.0, reward)
         self._update_done_flags(fell=self.robot.fallen(self.sim), nonfinite=nonfinite)
         obs = torch.where(nonfinite[:, None], torch.nan_to_num(obs, 0.0, 0.0, 0.0), obs)
         extras = {"terminate": self.terminate_buf.clone(), "time_outs": self.time_outs_buf.clone(),
