@@ -41,6 +41,10 @@ NUM_TEST_ENVS = 4
 TEST_BACKENDS = ("mjwarp", "mujoco")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU, skipped without one (`pytest -m cuda` runs only these)")
+
+
 def random_actions(env, generator):
     """Uniform random actions in [-1, 1], shape [num_envs, num_actions], on env.device."""
     return torch.rand(env.num_envs, env.num_actions, generator=generator, device=env.device) * 2.0 - 1.0
