@@ -179,10 +179,10 @@ class Args:
     """stop after this many optimiser steps in a row with a non-finite loss or gradient (each one is skipped)"""
 
     # Speed (README "Trainer speed": figures behind each default)
-    compile: Annotated[Literal["none", "llc", "update", "all"], tyro.conf.arg(help=(
-        "torch.compile: `llc` the frozen LLC's forward (every inner step), `update` the PPO minibatch loss "
-        "(forward + loss; backward through the compiled graph), `all` both, `none` eager; compiling costs "
-        "10-60 s at start-up on a small CPU"))] = "none"
+    compile: Annotated[Literal["none", "llc", "step", "update", "all"], tyro.conf.arg(help=(
+        "torch.compile: `llc` the frozen LLC's forward (every inner step), `step` the env's tensor ops after the "
+        "physics (tasks/ backends), `update` the PPO minibatch loss (forward + loss; backward through the compiled "
+        "graph), `all` the three, `none` eager; compiling costs 10-60 s at start-up on a small CPU"))] = "none"
     fused_adam: Literal["auto", "on", "off"] = "auto"
     """Adam's fused kernel (one kernel for all parameters; `auto`: on with CUDA, off on the CPU, where it measured
     slower); the same update as torch's default kernel up to float rounding"""
@@ -1192,6 +1192,8 @@ if __name__ == "__main__":
     storage = RolloutStorage.allocate(args.num_steps, env.num_envs, env.num_obs, action_size, device)
     if llc is not None and args.compile in ("llc", "all"):
         compile_llc(llc)
+    if hasattr(env, "compile_step") and args.compile in ("step", "all"):
+        env.compile_step()
     high_level_step = make_high_level_step(env, llc, derived.llc_steps, task_obs_size, style_weight, action_size,
                                            derived.cuda_graph)
     episode_stats = EpisodeStats(env.num_envs, device)

@@ -20,10 +20,14 @@ control steps x worlds, per second):
 is untrained (random weights), which costs the same as a trained one. `physics_step` is the
 backend's env.physics_step (for `mujoco` with its numpy glue and body sensors), for reference.
 --repeat R keeps the best of R timings of each (a busy machine). With --profile, where (b) and (c)
-spend their time (exclusive wall time per part).
+spend their time (exclusive wall time per part). --compile, --fused-adam and --cuda-graph set the trainer's
+flags of the same names (README "Trainer speed"): an A/B of them is two runs, e.g. --compile none and
+--compile update.
 
     python bench/bench_hrl.py --robot ant --backend mujoco --num-envs 16 64 256
     python bench/bench_hrl.py --robot humanoid --llc-checkpoint random --num-envs 64 256 --profile
+    python bench/bench_hrl.py --robot ant --num-envs 256 --compile update
+    python bench/bench_hrl.py --device cuda:0 --robot humanoid --llc-checkpoint random --num-envs 4096 --cuda-graph
 """
 
 import argparse
@@ -321,8 +325,9 @@ def main():
                         help="torch threads (0: torch's default); on a small CPU more threads contend with the simulator's")
     parser.add_argument("--repeat", type=int, default=1,
                         help="time each measurement this many times and keep the best (on a busy machine)")
-    parser.add_argument("--compile", default="none", choices=["none", "llc", "update", "all"],
-                        help="the trainer's --compile: torch.compile the LLC's forward (b, c, d), the PPO minibatch loss (c)")
+    parser.add_argument("--compile", default="none", choices=["none", "llc", "step", "update", "all"],
+                        help="the trainer's --compile: torch.compile the LLC's forward (b, c, d), the env's tensor ops "
+                             "after the physics (b, c, d), the PPO minibatch loss (c)")
     parser.add_argument("--compile-llc", action="store_true", help="the same as --compile llc")
     parser.add_argument("--fused-adam", default="auto", choices=["auto", "on", "off"],
                         help="the trainer's --fused-adam in (c) (auto: on with CUDA, off on the CPU)")
@@ -370,6 +375,8 @@ def main():
             llc.check_env(env.num_obs, env.get_task_obs_size())
         if args.compile in ("llc", "all"):
             compile_llc(llc)
+        if args.compile in ("step", "all"):
+            env.compile_step()
         control_steps = args.num_steps * LLC_STEPS
         physics = best_of(args.repeat, time_raw_physics, env, backend, control_steps, args.threads)
         physics_step = physics if backend == "mjwarp" else best_of(args.repeat, time_physics_step, env, control_steps)

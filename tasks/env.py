@@ -243,6 +243,16 @@ class BatchedEnv:
 
         reward = self.task.reward(self.task_state, self._task_root())
         nonfinite = self._restart_nonfinite_worlds()
+        return self._finish_step(reward, nonfinite)
+
+    def compile_step(self):
+        """torch.compile the tensor ops that follow the physics in step() (observations, checks, done flags, AMP
+        history), with static shapes: one compilation. The physics, the restarts and the task's random draws
+        stay eager. Same results as eager up to float rounding."""
+        self._finish_step = torch.compile(self._finish_step, dynamic=False)
+
+    def _finish_step(self, reward, nonfinite):
+        """step() after the physics and the restarts of non-finite worlds; tensor ops only."""
         obs = self.compute_obs()["obs"]
         # a finite state with a non-finite reward or observation (the task's or the robot's maths): the
         # world ends as a failure and is reset by reset_done(); counted with the restarts

@@ -75,6 +75,33 @@ def test_compiled_llc_gives_the_eager_hierarchical_steps(make_test_env):
     assert_same_steps(compiled, eager, atol=1e-4)
 
 
+@pytest.mark.parametrize("robot", ["ant", "humanoid"])
+def test_compiled_env_step_gives_the_eager_steps(make_test_env, env_checks, robot):
+    """env.compile_step(): same obs, rewards, flags (and AMP history) as an eager twin over random actions,
+    across episode ends (short episodes) and reset_done()."""
+    eager_env = make_test_env(robot, "heading", tag="speed-eager", episode_length_s=0.3)
+    compiled_env = make_test_env(robot, "heading", tag="speed-compiled", episode_length_s=0.3)
+    compiled_env.compile_step()
+    generator = torch.Generator().manual_seed(2)
+    for env in (eager_env, compiled_env):
+        env.seed(4)
+        env.reset()
+    ended = False
+    for step in range(15):
+        actions = env_checks.random_actions(eager_env, generator)
+        (obs_a, reward_a, done_a, extras_a), (obs_b, reward_b, done_b, extras_b) = (
+            eager_env.step(actions), compiled_env.step(actions))
+        torch.testing.assert_close(obs_b["obs"], obs_a["obs"], rtol=1e-5, atol=1e-5, msg=f"step {step}: obs")
+        torch.testing.assert_close(reward_b, reward_a, rtol=1e-5, atol=1e-5, msg=f"step {step}: reward")
+        assert torch.equal(done_b, done_a) and torch.equal(extras_b["terminate"], extras_a["terminate"])
+        if "amp_obs" in extras_a:
+            torch.testing.assert_close(extras_b["amp_obs"], extras_a["amp_obs"], rtol=1e-5, atol=1e-5)
+        ended |= bool(done_a.any())
+        if step % 5 == 4:
+            eager_env.reset_done(), compiled_env.reset_done()
+    assert ended  # episodes of 10 control steps ended within the 15 steps
+
+
 def tiny_agent_and_batch(seed=0, num_envs=4, num_steps=4, obs_size=5, action_size=3, nan_advantage=False):
     """A small agent and one rollout's storage, advantages and returns, all from `seed`."""
     torch.manual_seed(seed)
