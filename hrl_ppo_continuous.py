@@ -63,7 +63,8 @@ from torch.distributions.normal import Normal
 from typing_extensions import Annotated  # typing.Annotated needs Python 3.9; Isaac Gym runs on 3.8
 
 import distributed
-from llc import CheckpointWriteError, LLCCheckpointError, RunningMeanStd, atomic_save, load_llc, mlp, read_checkpoint
+from llc import (CheckpointWriteError, LLCCheckpointError, RunningMeanStd, atomic_save, infer_local_root_obs, load_llc, mlp,
+                 read_ase_env_local_root_obs, read_checkpoint)
 from tasks import ROBOTS, TASKS, load_robot_spec  # names only: robot and task modules load lazily
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -121,6 +122,8 @@ class Args:
     """frozen LLC checkpoint (native or ASE/rl_games); `none` = flat PPO on joint actions (k = 1)"""
     llc_config: Optional[str] = None
     """ASE training yaml of an rl_games LLC checkpoint, to cross-check its network sizes"""
+    llc_env_config: Optional[str] = None
+    """ASE env yaml the LLC was trained with (e.g. humanoid_ase_sword_shield_getup.yaml), to cross-check env.localRootObs"""
     llc_steps: Annotated[Optional[int], default_is("5 as in ASE; 1 for the flat baseline")] = None
     """k: simulator (control) steps per high-level action"""
     style_reward_weight: Annotated[Optional[float], default_is(
@@ -130,6 +133,9 @@ class Args:
     """ASE's localRootObs for the humanoid's policy and AMP observations (ASE's LLC yamls set it true); tasks/ humanoid only"""
     robot_xml: Optional[str] = None
     """your copy of ASE's amp_humanoid.xml, simulated instead of assets/humanoid.xml (tasks/ase_mjcf.py); humanoid only"""
+    heading_speed_range: Annotated[Optional[Tuple[float, float]],
+                                   default_is("the robot's: ant 0.4 0.8, humanoid 1.5 1.6")] = None
+    """LO HI: the heading task's target speeds, m/s, uniform in [LO, HI) (keep them inside the LLC's skill range)"""
 
     # PPO (ASE's high-level values where they fit; see README for the ones that differ)
     total_timesteps: Annotated[Optional[int], default_is("50M on CUDA, 300k on the CPU")] = None
@@ -269,6 +275,13 @@ def check_flags(args: Args):
     if args.local_root_obs and (not tasks_backend or args.robot != "humanoid"):
         fail(f"--local-root-obs is for --robot humanoid on the tasks/ backends (got --robot {args.robot}, "
              f"--env-backend {args.env_backend}; Isaac Gym tasks take it from their yaml)")
+    if args.heading_speed_range is not None:
+        low, high = args.heading_speed_range
+        if args.task != "heading" or not tasks_backend:
+            fail(f"--heading-speed-range is for --task heading on the tasks/ backends (got --task {args.task}, "
+                 f"--env-backend {args.env_backend})")
+        if not (0.0 <= low <= high and math.isfinite(high)):
+            fail(f"--heading-speed-range {low} {high}: expected 0 <= LO <= HI (m/s)")
     if args.robot_xml is not None and not tasks_backend:
         fail(f"--robot-xml {args.robot_xml} is for the tasks/ backends; Isaac Gym tasks load their own")
     check_robot_xml(args.robot, args.robot_xml)
@@ -362,6 +375,8 @@ def make_env(args: Args, derived: Derived, num_envs: int, seed: int):
     overrides = {"local_root_obs": True} if args.local_root_obs else {}
     if args.robot_xml is not None:
         overrides["robot_xml"] = args.robot_xml
+    if args.heading_speed_range is not None:
+        overrides["speed_range"] = tuple(args.heading_speed_range)
     return make_tasks_env(robot=args.robot, task=args.task, num_envs=num_envs, device=str(derived.device), seed=seed,
                           backend=args.env_backend, sim_threads=args.sim_threads, verbose=args.sim_verbose, **overrides)
 
@@ -390,7 +405,32 @@ def load_frozen_llc(args: Args, derived: Derived, env):
         fail(f"LLC {path} was trained for robot {trained_robot!r}, but --robot is {args.robot!r}")
     if trained_dt is not None and abs(trained_dt - env.control_dt) > 1e-6:
         print(f"warning: LLC {path} was trained at control_dt {trained_dt} s, the env steps {env.control_dt} s")
+    check_local_root_obs(args, llc, env, path)
     return llc
+
+
+def check_local_root_obs(args: Args, llc, env, path: str):
+    """The LLC must see its root rotation as it was trained: ASE's localRootObs from the native checkpoint's
+    metadata, ASE's env yaml (--llc-env-config) or, for rl_games checkpoints, the normalisers' statistics."""
+    env_setting = getattr(env, "local_root_obs", None)
+    if env_setting is None:  # the robot has no such setting (the ant, Isaac Gym tasks)
+        return
+    try:
+        sources = []
+        if "local_root_obs" in llc.metadata:
+            sources.append((llc.metadata["local_root_obs"], f"{path} (its metadata)"))
+        if args.llc_env_config is not None:
+            sources.append((read_ase_env_local_root_obs(args.llc_env_config), f"{args.llc_env_config} (env.localRootObs)"))
+        if llc.source_format == "rl_games":
+            inferred, why = infer_local_root_obs(llc)
+            if inferred is not None:
+                sources.append((inferred, f"{path} ({why})"))
+    except LLCCheckpointError as err:
+        fail(str(err))
+    for value, source in sources:
+        if value != env_setting:
+            fail(f"the LLC was trained with localRootObs {value}, from {source}; the env uses {env_setting}: "
+                 f"run {'with' if value else 'without'} --local-root-obs")
 
 
 def resolve_style_reward_weight(args: Args, llc, env) -> float:
@@ -1000,6 +1040,11 @@ def record_video(env, llc, agent, derived: Derived, task_obs_size: int, style_we
     print(f"video: {path} ({frames} frames)")
 
 
+def root_planar_position(env) -> Optional[torch.Tensor]:
+    """The root's world-frame x, y [N, 2] (m) of a tasks/ env; None for Isaac Gym tasks."""
+    return env.root_states()["pos"][:, :2].clone() if hasattr(env, "root_states") else None
+
+
 def evaluate(args: Args, derived: Derived, checkpoint: dict):
     """Deterministic policy (action = mean) for --eval-episodes episodes: one episode per env."""
     num_envs = args.eval_episodes
@@ -1013,6 +1058,9 @@ def evaluate(args: Args, derived: Derived, checkpoint: dict):
     episode_return = torch.zeros(num_envs, device=derived.device)
     episode_length = torch.zeros(num_envs, device=derived.device)
     finished = torch.zeros(num_envs, dtype=torch.bool, device=derived.device)
+    path_length_m = torch.zeros(num_envs, device=derived.device)  # planar root path of the tasks/ envs
+    path_steps = torch.zeros(num_envs, device=derived.device)  # control steps that path took
+    root_xy = root_planar_position(env)
     obs = env.reset()["obs"]
     max_high_level_steps = max(1, env.max_episode_length) // derived.llc_steps + 2
     for _ in range(max_high_level_steps):
@@ -1021,13 +1069,23 @@ def evaluate(args: Args, derived: Derived, checkpoint: dict):
         step = hierarchical_step(env, llc, action, obs, derived.llc_steps, task_obs_size, style_weight)
         episode_return += step.task_reward_sum * ~finished
         episode_length += step.control_steps * ~finished
+        if root_xy is not None:  # a world that ended in this step was reset: its last piece of path is left out
+            new_xy = root_planar_position(env)
+            on_path = ~(finished | step.done)
+            path_length_m += (new_xy - root_xy).norm(dim=-1) * on_path
+            path_steps += step.control_steps * on_path
         finished |= step.done
         if bool(finished.all()):
             break
         obs = env.reset_done()["obs"]
+        root_xy = root_planar_position(env)
+    speed = ""
+    if root_xy is not None:
+        seconds = path_steps.clamp(min=1) * env.control_dt
+        speed = f", mean root speed {(path_length_m / seconds).mean().item():.2f} m/s (planar path / time)"
     print(f"eval: {args.eval_checkpoint}: mean return {episode_return.mean().item():.3f} "
           f"(std {episode_return.std(unbiased=False).item():.3f}), mean episode length "
-          f"{episode_length.mean().item():.1f} control steps over {num_envs} episodes")
+          f"{episode_length.mean().item():.1f} control steps over {num_envs} episodes{speed}")
     if args.capture_video:
         run_name = checkpoint["run_name"]
         record_video(env, llc, agent, derived, task_obs_size, style_weight, os.path.join("videos", run_name, "eval.mp4"))
@@ -1180,9 +1238,10 @@ if __name__ == "__main__":
         writer.add_text("hyperparameters", hyperparameter_table(run_flags))
     print(f"{run_name}: {env.num_envs} envs on {device}, simulator {env.describe_backend()}, k = {derived.llc_steps}, "
           f"{'flat PPO' if derived.flat else f'LLC {derived.llc_path}'}, style weight {style_weight}, "
-          f"{derived.num_iterations} iterations x {derived.sim_steps_per_iteration} simulator steps; compile "
-          f"{args.compile}, {'fused' if use_fused_adam(args, device) else 'default'} Adam"
-          f"{', CUDA graph per high-level step' if derived.cuda_graph else ''}")
+          f"{derived.num_iterations} iterations x {derived.sim_steps_per_iteration} simulator steps"
+          + (f", task {args.task} {env.task_params}" if getattr(env, "task_params", None) else "")
+          + f"; compile {args.compile}, {'fused' if use_fused_adam(args, device) else 'default'} Adam"
+          + (", CUDA graph per high-level step" if derived.cuda_graph else ""))
     planned_steps = derived.num_iterations * derived.sim_steps_per_iteration
     if args.total_timesteps is not None and planned_steps != derived.total_timesteps:  # the default budget needs no note
         print(f"note: --total-timesteps {derived.total_timesteps} is not a whole number of iterations of "

@@ -828,17 +828,23 @@ def read_normalizer(path, state, prefix, what, where):
     return {k: state[f"{prefix}{k}"] for k in NORMALIZER_KEYS}
 
 
-def read_ase_config(path, config_path):
-    """ASE's LLC yaml (e.g. ase_humanoid_hrl.yaml): latent size and network settings, for cross-checks."""
+def read_yaml(config_path, what):
+    """An ASE yaml file as Python objects; an unreadable or invalid file raises LLCCheckpointError naming
+    it as `config_path (what)`."""
     import yaml
 
     try:
         with open(config_path) as f:
-            config = yaml.safe_load(f)
+            return yaml.safe_load(f)
     except OSError as error:
-        raise LLCCheckpointError(f"{config_path} (ASE config for {path}): cannot read it: {error}") from error
+        raise LLCCheckpointError(f"{config_path} ({what}): cannot read it: {error}") from error
     except yaml.YAMLError as error:
-        raise LLCCheckpointError(f"{config_path} (ASE config for {path}): not valid YAML: {error}") from error
+        raise LLCCheckpointError(f"{config_path} ({what}): not valid YAML: {error}") from error
+
+
+def read_ase_config(path, config_path):
+    """ASE's LLC yaml (e.g. ase_humanoid_hrl.yaml): latent size and network settings, for cross-checks."""
+    config = read_yaml(config_path, f"ASE config for {path}")
     params = config.get("params", {}) if isinstance(config, Mapping) else {}
     train = params.get("config") or {}
     network = params.get("network") or {}
@@ -858,6 +864,84 @@ def read_ase_config(path, config_path):
         "disc_activation": (network.get("disc") or {}).get("activation", "relu"),
         "disc_hidden": (network.get("disc") or {}).get("units"),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# ASE's localRootObs, read back from what a checkpoint's normalisers saw
+# ---------------------------------------------------------------------------------------------
+# The heading frame is the root's yaw, read from its x axis, so a heading-local root rotation has a
+# tan-norm x axis with a y component of exactly 0; a world-frame one swings with the body's yaw.
+# The running variance of that one entry therefore tells the two apart in a trained normaliser.
+CONSTANT_BELOW_VAR = 1e-6  # heading-local: float rounding only
+VARIES_ABOVE_VAR = 1e-3  # world frame: any turning at all during training
+MIN_SAMPLES_TO_INFER = 1000  # rl_games' normaliser starts from one prior sample (mean 0, var 1)
+AMP_FRAME_SIZES = (125, 140)  # amp_humanoid, sword-and-shield model (ASE, one frame)
+
+
+def root_x_axis_y_index(policy_obs_dim) -> Optional[int]:
+    """Entry of the root's tan-norm x axis, y component, in ASE's humanoid policy obs (1 + 15 B - 3 for B
+    bodies: root height, B - 1 body positions, B tan-norms with the root's first); None for other sizes."""
+    if (policy_obs_dim + 2) % 15:
+        return None
+    num_bodies = (policy_obs_dim + 2) // 15
+    return 1 + 3 * (num_bodies - 1) + 1
+
+
+def root_x_axis_y_variance(normalizer, index, frame_size=None) -> Optional[float]:
+    """Largest running variance of entry `index` (of every `frame_size`-long frame when given), or None when
+    the normaliser has seen too few samples to say."""
+    if float(normalizer.count) < MIN_SAMPLES_TO_INFER:
+        return None
+    var = normalizer.running_var.double()
+    if frame_size is not None:
+        var = var.reshape(-1, frame_size)[:, index]
+    else:
+        var = var[index:index + 1]
+    return float(var.max())
+
+
+def infer_local_root_obs(llc) -> tuple:
+    """(localRootObs as the LLC's normalisers saw it: True, False or None when they cannot tell, why).
+
+    Policy obs: localRootObs true puts the WORLD root tan-norm in the root's slot (so the entry varies).
+    AMP obs: localRootObs true makes the root rotation HEADING-LOCAL (so the entry is constant).
+    Both are ASE's conventions (ase/env/tasks/humanoid.py, humanoid_amp.py); when both normalisers can
+    tell and disagree, the checkpoint is not what it claims to be."""
+    verdicts = []
+    index = root_x_axis_y_index(llc.obs_dim)
+    var = root_x_axis_y_variance(llc.obs_normalizer, index) if index is not None else None
+    if var is not None and (var < CONSTANT_BELOW_VAR or var > VARIES_ABOVE_VAR):
+        verdicts.append((var > VARIES_ABOVE_VAR, f"observation normaliser: variance {var:.3g} of obs[{index}], "
+                                                  f"the root x axis' y component"))
+    amp_norm = getattr(llc, "amp_normalizer", None)
+    frame_size = next((f for f in AMP_FRAME_SIZES if amp_norm is not None and amp_norm.size % f == 0), None)
+    var = root_x_axis_y_variance(amp_norm, 2, frame_size) if frame_size is not None else None
+    if var is not None and (var < CONSTANT_BELOW_VAR or var > VARIES_ABOVE_VAR):
+        verdicts.append((var < CONSTANT_BELOW_VAR, f"AMP normaliser: variance {var:.3g} of each frame's entry 2, "
+                                                    f"the root x axis' y component"))
+    if not verdicts:
+        return None, "the normalisers' statistics do not tell (too few samples or no clear margin)"
+    if len({value for value, _ in verdicts}) > 1:
+        raise LLCCheckpointError(f"{llc_name(llc)}: its normalisers disagree on localRootObs: "
+                                 + "; ".join(f"{why} -> {value}" for value, why in verdicts))
+    return verdicts[0][0], "; ".join(why for _, why in verdicts)
+
+
+def llc_name(llc) -> str:
+    return getattr(llc, "source_path", None) or "the LLC"
+
+
+def read_ase_env_local_root_obs(config_path) -> bool:
+    """`env.localRootObs` of ASE's env yaml (e.g. ase/data/cfg/humanoid_ase_sword_shield_getup.yaml)."""
+    config = read_yaml(config_path, "ASE env config")
+    env = config.get("env") if isinstance(config, Mapping) else None
+    if not isinstance(env, Mapping):
+        found = sorted(config) if isinstance(config, Mapping) else type(config).__name__
+        raise LLCCheckpointError(f"{config_path} (ASE env config): no env section; found top-level keys {found}")
+    if not isinstance(env.get("localRootObs"), bool):
+        found = f"{sorted(env)}" + (f", localRootObs {env['localRootObs']!r}" if "localRootObs" in env else "")
+        raise LLCCheckpointError(f"{config_path} (ASE env config): no boolean env.localRootObs; found env keys {found}")
+    return env["localRootObs"]
 
 
 ASE_REQUIRED = (f"{ASE_ACTOR}_style_mlp.0.weight", f"{ASE_ACTOR}_style_dense.weight",

@@ -10,7 +10,8 @@ rates, and a high-level policy can steer the frozen LLC by choosing z.
 
 Train (control steps counted over all worlds):
     python llc_pretrain.py --robot ant --num-envs 128 --total-timesteps 8331264 --checkpoint-path checkpoints/llc_ant.pt
-Evaluate the skills of a checkpoint (64 latents held 5 s each, fall rate and reach per direction):
+Evaluate the skills of a checkpoint against its robot's bar (64 latents held 5 s each; falls, reach and top
+speed per direction; the zero-command latent standing):
     python llc_pretrain.py --evaluate checkpoints/llc_ant.pt
 """
 
@@ -204,6 +205,7 @@ class Args:
 
 
 EVAL_DIRECTION_BINS = 8
+EVAL_SPEED_WINDOW_S = 1.0  # top speed: root planar speed averaged over this window (s)
 
 
 def sizes_at_least_one(sizes):
@@ -344,6 +346,8 @@ def env_control_settings(env) -> dict:
     """Control settings of the env, as far as it exposes them: timing, PD target = offset + scale * action
     (rad), and the PD gains of MuJoCo <position> actuators (kp in N m/rad, kv in N m s/rad)."""
     settings = {"control_dt": float(env.control_dt), "max_episode_length": int(env.max_episode_length)}
+    if isinstance(getattr(env, "local_root_obs", None), bool):  # ASE's localRootObs (humanoid), checked by the trainer
+        settings["local_root_obs"] = env.local_root_obs
     for name in ("physics_dt", "decimation", "pd_offset", "pd_scale"):
         value = getattr(env, name, None)
         if torch.is_tensor(value):
@@ -361,30 +365,131 @@ def env_control_settings(env) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Skill evaluation
 # ---------------------------------------------------------------------------------------------
-def reach_per_direction_bin(displacement, num_bins=EVAL_DIRECTION_BINS):
-    """displacement [M, 2] -> (largest distance [num_bins], count [num_bins]) per direction bin.
-    Bin i is centred on i * 360 / num_bins degrees (bin 0 = [-22.5, 22.5) for 8 bins); an empty bin
-    has distance 0."""
+def direction_bin(vectors, num_bins=EVAL_DIRECTION_BINS):
+    """Planar vectors [M, 2] -> direction bin index [M]: bin i is centred on i * 360 / num_bins degrees
+    (bin 0 = [-22.5, 22.5) for 8 bins)."""
     bin_width = 360.0 / num_bins
-    angle_deg = torch.rad2deg(torch.atan2(displacement[:, 1], displacement[:, 0]))
-    bins = torch.floor((angle_deg + bin_width / 2) / bin_width).long() % num_bins
-    reach = torch.zeros(num_bins, device=displacement.device)
-    reach.scatter_reduce_(0, bins, displacement.norm(dim=-1), reduce="amax")
-    counts = torch.zeros(num_bins, dtype=torch.long, device=displacement.device)
-    counts.scatter_add_(0, bins, torch.ones_like(bins))
-    return reach, counts
+    angle_deg = torch.rad2deg(torch.atan2(vectors[:, 1], vectors[:, 0]))
+    return torch.floor((angle_deg + bin_width / 2) / bin_width).long() % num_bins
+
+
+def max_per_bin(values, bins, num_bins=EVAL_DIRECTION_BINS):
+    """Largest value [num_bins] of `values` [M] per bin index `bins` [M]; an empty bin has 0."""
+    out = torch.zeros(num_bins, dtype=values.dtype, device=values.device)
+    return out.scatter_reduce_(0, bins, values, reduce="amax")
+
+
+def count_per_bin(mask, bins, num_bins=EVAL_DIRECTION_BINS):
+    """How many of `mask` [M] (bool) are true per bin index `bins` [M] -> [num_bins] (long)."""
+    counts = torch.zeros(num_bins, dtype=torch.long, device=bins.device)
+    return counts.scatter_add_(0, bins, mask.long())
+
+
+def reach_per_direction_bin(displacement, num_bins=EVAL_DIRECTION_BINS):
+    """displacement [M, 2] -> (largest distance [num_bins], count [num_bins]) per direction bin
+    (see direction_bin); an empty bin has distance 0."""
+    bins = direction_bin(displacement, num_bins)
+    everyone = torch.ones_like(bins, dtype=torch.bool)
+    return max_per_bin(displacement.norm(dim=-1), bins, num_bins), count_per_bin(everyone, bins, num_bins)
+
+
+def top_speed(trajectory, control_dt, window_s=EVAL_SPEED_WINDOW_S):
+    """trajectory [T + 1, N, 2] (root planar position, m, every control step) -> [N]: the largest planar
+    speed averaged over a window of `window_s` (m/s), |p(t) - p(t - window)| / window; with fewer steps
+    than a window, over the whole trajectory. The average over a second ignores the sway of a gait."""
+    window = max(1, min(int(round(window_s / control_dt)), trajectory.shape[0] - 1))
+    speed = (trajectory[window:] - trajectory[:-window]).norm(dim=-1) / (window * control_dt)
+    return speed.amax(0)
+
+
+def skill_bin_statistics(final_displacement, fell, speed, going, num_bins=EVAL_DIRECTION_BINS) -> dict:
+    """Per-direction-bin figures of one evaluation, for N latents:
+    final_displacement [N, 2]: displacement from the start in the initial heading frame (m), where the
+      latent was when it fell, else at the end;
+    fell [N] (bool); speed [N]: top speed of each latent (m/s, see top_speed);
+    going [N, 2]: the direction each latent was going, which decides the bin its latent and fall count in
+      (the commanded displacement where a skill mapping exists, else final_displacement).
+    Latent and fall counts are binned by `going`; the reach and top speed of the latents that did not fall
+    by where they actually went (final_displacement), which is what the bar asks of each direction."""
+    stood = ~fell
+    going_bin = direction_bin(going, num_bins)
+    latents = count_per_bin(torch.ones_like(fell), going_bin, num_bins)
+    falls = count_per_bin(fell, going_bin, num_bins)
+    went_bin = direction_bin(final_displacement[stood], num_bins)
+    return {"bin_latents": latents.tolist(), "bin_falls": falls.tolist(),
+            "bin_fall_rate": (falls.float() / latents.clamp_min(1).float()).tolist(),
+            "bin_standing_latents": count_per_bin(stood[stood], went_bin, num_bins).tolist(),
+            "bin_reach_m": max_per_bin(final_displacement[stood].norm(dim=-1), went_bin, num_bins).tolist(),
+            "bin_top_speed_mps": max_per_bin(speed[stood], went_bin, num_bins).tolist(),
+            "top_speed_mps": float(speed[stood].max()) if stood.any() else 0.0}
+
+
+def zero_command_latent(projection) -> torch.Tensor:
+    """A unit latent [latent_dim] in the null space of the skill projection [3, latent_dim]: its three
+    coordinates are 0, so latent_to_command gives it zero planar speed and zero yaw rate. The first column
+    past the projection's rows of a complete QR of projection^T (deterministic for a given mapping)."""
+    if projection.shape[1] <= projection.shape[0]:
+        raise ValueError(f"latent_dim={projection.shape[1]}: a zero-command latent needs latent_dim > {projection.shape[0]} "
+                         f"(the projection's null space is empty)")
+    q, _ = torch.linalg.qr(projection.T.double(), mode="complete")
+    return q[:, projection.shape[0]].to(projection.dtype)
+
+
+def skill_bar(result: dict, robot_module) -> dict:
+    """The robot's bar (constants SKILL_BAR_* of its module) and whether `result` passes it."""
+    bar = {"max_fall_rate": robot_module.SKILL_BAR_MAX_FALL_RATE, "min_reach_m": robot_module.SKILL_BAR_MIN_REACH_M,
+           "zero_command_stands": robot_module.SKILL_BAR_ZERO_COMMAND_STANDS}
+    passes = result["fall_rate"] < bar["max_fall_rate"] and min(result["bin_reach_m"]) >= bar["min_reach_m"]
+    if bar["zero_command_stands"]:  # no skill mapping, no zero-command latent: the bar cannot be shown met
+        passes = passes and result.get("zero_command_fell") is False
+    return {"bar": bar, "passes_bar": bool(passes)}
+
+
+def bar_description(bar: dict) -> str:
+    text = f"falls < {100 * bar['max_fall_rate']:.0f}%, >= {bar['min_reach_m']:.1f} m in every bin"
+    return text + (", zero command stands" if bar["zero_command_stands"] else "")
+
+
+def hold_latents(env, llc, z, num_control_steps):
+    """Hold latents z [N, D] from reset with the deterministic LLC action. Returns the root planar
+    trajectory [T + 1, N, 2] in each world's initial heading frame (m, relative to the start), whether
+    each world fell [N], and the control step it first fell at [N] (num_control_steps if it did not).
+    A fallen world is not reset (no reset_done), its flags stay set."""
+    obs = env.reset()["obs"]
+    root = env.root_states()
+    start_pos_xy = root["pos"][:, :2].clone()
+    start_yaw = heading_angle(root["quat"])
+    positions = [root["pos"][:, :2].clone()]
+    fell = torch.zeros(env.num_envs, dtype=torch.bool, device=z.device)
+    fall_step = torch.full((env.num_envs,), num_control_steps, dtype=torch.long, device=z.device)
+    with torch.no_grad():
+        for step in range(num_control_steps):
+            obs_dict, _, _, extras = env.step(llc.act(obs[:, : llc.obs_dim], z))
+            obs = obs_dict["obs"]
+            fall_step = torch.where(extras["terminate"] & ~fell, torch.full_like(fall_step, step + 1), fall_step)
+            fell |= extras["terminate"]
+            positions.append(env.root_states()["pos"][:, :2].clone())
+    relative = torch.stack(positions) - start_pos_xy  # [T + 1, N, 2], world frame
+    trajectory = planar_into_heading(relative.reshape(-1, 2), start_yaw.repeat(len(positions))).view_as(relative)
+    return trajectory, fell, fall_step
 
 
 def evaluate_skills(checkpoint_path: str, args: Args, device: torch.device) -> dict:
     """Hold each of `eval_num_latents` random latents for `eval_seconds` from reset, one world per
-    latent, with the deterministic LLC action; report the fall rate and, per 45-degree direction
-    bin (displacement from the start, relative to the initial heading), the largest distance
-    reached by a latent that did not fall and whose final displacement lies in that bin."""
+    latent, with the deterministic LLC action, plus one world holding the zero-command latent (when the
+    checkpoint has a skill mapping); report the fall rate, per 45-degree direction bin the latents,
+    falls, reach and top speed (see skill_bin_statistics), whether the zero command kept the robot
+    standing, and the robot's bar (SKILL_BAR_* in its module)."""
     llc = load_llc(checkpoint_path, device=str(device))
     robot = llc.metadata.get("robot", args.robot)
     check_robot_xml(robot, args.robot_xml)
-    env = make_env(robot=robot, task="none", num_envs=args.eval_num_latents, device=str(device), seed=args.eval_seed,
-                   backend=args.env_backend, sim_threads=args.sim_threads, verbose=args.sim_verbose, robot_xml=args.robot_xml)
+    mapping = llc.metadata.get("skill_mapping")
+    # one more world holds the latent that commands standing still (none exists for latent_dim 3)
+    zero_world = mapping is not None and llc.latent_dim > len(mapping["projection"])
+    num_latents = args.eval_num_latents
+    env = make_env(robot=robot, task="none", num_envs=num_latents + zero_world, device=str(device),
+                   seed=args.eval_seed, backend=args.env_backend, sim_threads=args.sim_threads,
+                   verbose=args.sim_verbose, robot_xml=args.robot_xml)
     print(f"simulator {env.describe_backend()}")
     llc.check_env(env.num_obs, env.get_task_obs_size(), path=checkpoint_path)
     num_control_steps = int(round(args.eval_seconds / env.control_dt))
@@ -392,59 +497,73 @@ def evaluate_skills(checkpoint_path: str, args: Args, device: torch.device) -> d
         raise ValueError(f"--eval-seconds {args.eval_seconds} is {num_control_steps} control steps, longer than "
                          f"the episode ({env.max_episode_length} steps of {env.control_dt} s)")
     generator = torch.Generator(device=device).manual_seed(args.eval_seed)
-    z = sample_latents(args.eval_num_latents, llc.latent_dim, generator, device)
-
-    obs = env.reset()["obs"]
-    root = env.root_states()
-    start_pos_xy = root["pos"][:, :2].clone()
-    start_yaw = heading_angle(root["quat"])
-    fell = torch.zeros(env.num_envs, dtype=torch.bool, device=device)
-    with torch.no_grad():
-        for _ in range(num_control_steps):
-            actions = llc.act(obs[:, : llc.obs_dim], z)
-            obs_dict, _, _, extras = env.step(actions)
-            obs = obs_dict["obs"]
-            fell |= extras["terminate"]
-    root = env.root_states()
-    displacement = planar_into_heading(root["pos"][:, :2] - start_pos_xy, start_yaw)  # initial-heading frame
-    distance = displacement.norm(dim=-1)
-    standing = ~fell
-    reach, counts = reach_per_direction_bin(displacement[standing])
-    bin_width = 360.0 / EVAL_DIRECTION_BINS
-
-    result = {"checkpoint": checkpoint_path, "robot": robot, "num_latents": args.eval_num_latents,
-              "seconds": num_control_steps * env.control_dt, "control_steps": num_control_steps,
-              "falls": int(fell.sum()), "fall_rate": float(fell.float().mean()),
-              "bin_centers_deg": [i * bin_width for i in range(EVAL_DIRECTION_BINS)],
-              "bin_latents": counts.tolist(), "bin_reach_m": reach.tolist(),
-              "median_distance_m": float(distance[standing].median()) if standing.any() else 0.0}
-    mapping = llc.metadata.get("skill_mapping")
-    if mapping is not None and standing.any():  # how closely the latents' commands were followed
+    z = sample_latents(num_latents, llc.latent_dim, generator, device)
+    if mapping is not None:
         projection = torch.tensor(mapping["projection"], device=device)
+    if zero_world:
+        z = torch.cat([z, zero_command_latent(projection)[None]])
+
+    trajectory, fell, fall_step = hold_latents(env, llc, z, num_control_steps)
+    world = torch.arange(env.num_envs, device=device)
+    final_displacement = trajectory[fall_step, world]  # where it fell, else at the end
+    speed = top_speed(trajectory, env.control_dt)
+    seconds = num_control_steps * env.control_dt
+    result = {"checkpoint": checkpoint_path, "robot": robot, "num_latents": num_latents,
+              "seconds": seconds, "control_steps": num_control_steps, "speed_window_s": EVAL_SPEED_WINDOW_S,
+              "bin_centers_deg": [i * 360.0 / EVAL_DIRECTION_BINS for i in range(EVAL_DIRECTION_BINS)]}
+    going = final_displacement[:num_latents]
+    if mapping is not None:
         vel_cmd, yaw_rate_cmd = latent_to_command(z, projection, mapping["max_speed"], mapping["max_yaw_rate"])
-        target = commanded_displacement(vel_cmd, yaw_rate_cmd, result["seconds"])[standing]
-        result["mean_commanded_distance_m"] = float(target.norm(dim=-1).mean())
-        result["mean_displacement_error_m"] = float((displacement[standing] - target).norm(dim=-1).mean())
-        # what a perfect command follower would reach per bin with these latents (the sample's own limit)
-        result["bin_commanded_reach_m"] = reach_per_direction_bin(target)[0].tolist()
-    result["passes_bar"] = result["fall_rate"] < 0.10 and min(result["bin_reach_m"]) >= 1.5
+        target = commanded_displacement(vel_cmd, yaw_rate_cmd, seconds)[:num_latents]
+        going = target
+        result.update(command_following(final_displacement[:num_latents], target, fell[:num_latents]))
+    if zero_world:
+        result.update(zero_command_report(trajectory[:, -1], fell[-1], vel_cmd[-1], yaw_rate_cmd[-1]))
+    fell, final_displacement = fell[:num_latents], final_displacement[:num_latents]
+    stood = ~fell
+    result.update(falls=int(fell.sum()), fall_rate=float(fell.float().mean()),
+                  median_distance_m=float(final_displacement[stood].norm(dim=-1).median()) if stood.any() else 0.0)
+    result.update(skill_bin_statistics(final_displacement, fell, speed[:num_latents], going))
+    result.update(skill_bar(result, load_robot(robot)))
     print_skill_table(result)
     return result
+
+
+def zero_command_report(trajectory, fell, vel_cmd, yaw_rate_cmd) -> dict:
+    """The world that held the zero-command latent: its root trajectory [T + 1, 2] (m, from the start),
+    whether it fell, and its command (checked to be zero: planar velocity [2], m/s, and yaw rate, rad/s)."""
+    return {"zero_command_fell": bool(fell), "zero_command_max_drift_m": float(trajectory.norm(dim=-1).max()),
+            "zero_command_speed_mps": float(vel_cmd.norm()), "zero_command_yaw_rate": float(yaw_rate_cmd)}
+
+
+def command_following(displacement, target, fell) -> dict:
+    """How closely the latents that did not fall followed their commands, and what a perfect command
+    follower would reach per bin with these latents (the sample's own limit)."""
+    out = {"bin_commanded_reach_m": reach_per_direction_bin(target)[0].tolist()}
+    if (~fell).any():
+        out["mean_commanded_distance_m"] = float(target[~fell].norm(dim=-1).mean())
+        out["mean_displacement_error_m"] = float((displacement[~fell] - target[~fell]).norm(dim=-1).mean())
+    return out
 
 
 def print_skill_table(result: dict):
     print(f"skill evaluation of {result['checkpoint']} (robot {result['robot']}): {result['num_latents']} random "
           f"latents, each held {result['seconds']:.2f} s ({result['control_steps']} control steps) from reset")
     print(f"falls: {result['falls']}/{result['num_latents']} ({100 * result['fall_rate']:.1f}%)")
-    print("direction of displacement relative to the initial heading (0 deg = forward, 90 deg = left)")
     commanded = result.get("bin_commanded_reach_m")
-    print(f"{'bin (deg)':>16} | {'latents':>7} | {'max displacement (m)':>20}"
-          + (f" | {'commanded max (m)':>17}" if commanded else ""))
+    print("direction relative to the initial heading (0 deg = forward, 90 deg = left); latents and falls by the "
+          + ("commanded direction" if commanded else "displacement when it fell or at the end")
+          + ", the other columns by the displacement of the latents that did not fall")
+    print(f"{'bin (deg)':>16} | {'latents':>7} | {'falls':>5} | {'fall rate':>9} | {'standing':>8} | "
+          f"{'max displacement (m)':>20} | {'top speed (m/s)':>15}" + (f" | {'commanded max (m)':>17}" if commanded else ""))
     half = 180.0 / EVAL_DIRECTION_BINS
-    for i, (center, count, reach) in enumerate(zip(result["bin_centers_deg"], result["bin_latents"], result["bin_reach_m"])):
-        lo, hi = center - half, center + half
-        print(f"{f'[{lo:6.1f}, {hi:6.1f})':>16} | {count:>7d} | {reach:>20.2f}"
-              + (f" | {commanded[i]:>17.2f}" if commanded else ""))
+    for i, center in enumerate(result["bin_centers_deg"]):
+        print(f"{f'[{center - half:6.1f}, {center + half:6.1f})':>16} | {result['bin_latents'][i]:>7d} | "
+              f"{result['bin_falls'][i]:>5d} | {100 * result['bin_fall_rate'][i]:>8.1f}% | "
+              f"{result['bin_standing_latents'][i]:>8d} | {result['bin_reach_m'][i]:>20.2f} | "
+              f"{result['bin_top_speed_mps'][i]:>15.2f}" + (f" | {commanded[i]:>17.2f}" if commanded else ""))
+    print(f"top speed: {result['top_speed_mps']:.2f} m/s, the largest root planar speed averaged over "
+          f"{result['speed_window_s']:.1f} s among the latents that did not fall")
     print(f"median distance of the latents that did not fall: {result['median_distance_m']:.2f} m")
     if commanded:
         print("commanded max: the largest commanded displacement (constant command integrated over the time) "
@@ -453,7 +572,14 @@ def print_skill_table(result: dict):
         print(f"command following (those latents): mean |displacement - commanded displacement| "
               f"{result['mean_displacement_error_m']:.2f} m, "
               f"mean commanded distance {result['mean_commanded_distance_m']:.2f} m")
-    print(f"bar (falls < 10%, >= 1.5 m in every bin): {'PASS' if result['passes_bar'] else 'FAIL'}")
+    if "zero_command_fell" in result:
+        print(f"zero command (|v| {result['zero_command_speed_mps']:.1e} m/s, yaw rate "
+              f"{result['zero_command_yaw_rate']:.1e} rad/s) held {result['seconds']:.2f} s: "
+              f"{'FELL' if result['zero_command_fell'] else 'stood'}, "
+              f"max root drift {result['zero_command_max_drift_m']:.2f} m")
+    else:
+        print("zero command: not checked (no skill mapping, or latent_dim 3 whose projection has no null space)")
+    print(f"bar ({bar_description(result['bar'])}): {'PASS' if result['passes_bar'] else 'FAIL'}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,6 +31,13 @@ NAME = "ant"
 # largest commanded speed in m/s (covers the heading task's target speeds U[0.4, 0.8))
 LLC_LATENT_DIM = 16
 LLC_MAX_SPEED = 1.0
+# the skill bar of `llc_pretrain.py --evaluate`: 64 random latents held 5 s from reset fall less often
+# than this, and the farthest standing latent in every 45-degree direction bin gets at least this far
+# (1.5 m is 0.3 m/s held for 5 s, well inside LLC_MAX_SPEED); the zero-command latent is reported
+# but standing still is not part of the ant's bar (four legs do not fall while idle)
+SKILL_BAR_MAX_FALL_RATE = 0.10
+SKILL_BAR_MIN_REACH_M = 1.5
+SKILL_BAR_ZERO_COMMAND_STANDS = False
 MJCF_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "ant.xml")
 DECIMATION = 3
 EPISODE_LENGTH_S = 15.0

@@ -37,6 +37,12 @@ NAME = "humanoid"
 # largest commanded speed in m/s (covers the heading task's target speeds U[1.5, 1.6))
 LLC_LATENT_DIM = 64
 LLC_MAX_SPEED = 2.0
+# the skill bar of `llc_pretrain.py --evaluate`: falls under 10%, at least 2.0 m in every 45-degree
+# direction bin (0.4 m/s held for 5 s: a walk, a fifth of LLC_MAX_SPEED), and the latent that
+# commands zero speed and zero yaw rate keeps the humanoid standing for the whole hold
+SKILL_BAR_MAX_FALL_RATE = 0.10
+SKILL_BAR_MIN_REACH_M = 2.0
+SKILL_BAR_ZERO_COMMAND_STANDS = True
 MJCF_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "humanoid.xml")
 DECIMATION = 4  # physics steps per control step: 120 Hz physics, 30 Hz control
 EPISODE_LENGTH_S = 10.0  # 300 control steps

@@ -18,6 +18,7 @@ The skeleton's node names must be the humanoid's BODY_NAMES, in that order.
 Playback (sets a plain mujoco model of the humanoid to each frame with mj_forward and renders it):
     MUJOCO_GL=egl python -m tasks.motion PATH --video out.mp4
     MUJOCO_GL=egl python -m tasks.motion PATH --png frame.png --frame 10
+    MUJOCO_GL=egl python -m tasks.motion PATH --video out.mp4 --robot-xml amp_humanoid.xml   (a user's body file)
 """
 
 import argparse
@@ -268,9 +269,19 @@ def set_frame(mjm, data, clip, frame):
     mujoco.mj_forward(mjm, data)
 
 
-def render_frames(clip, frames, width=640, height=480, mjcf_path=humanoid.MJCF_PATH):
-    """Yield an RGB image [height, width, 3] of the humanoid in each clip frame of `frames`."""
-    mjm = mujoco.MjModel.from_xml_path(mjcf_path)
+def playback_model(robot_xml=None):
+    """The MjModel a clip is played on: assets/humanoid.xml, or a user's copy of ASE's amp_humanoid.xml
+    converted and its layout checked as the env does (tasks/ase_mjcf.py raises ASEModelError naming what
+    differs), so the clip is seen on the body the LLC was trained on."""
+    if robot_xml is None:
+        return humanoid.default_model()
+    return humanoid.convert_robot_xml(robot_xml).compile()
+
+
+def render_frames(clip, frames, width=640, height=480, robot_xml=None):
+    """Yield an RGB image [height, width, 3] of the humanoid (robot_xml: a user's body file) in each clip
+    frame of `frames`."""
+    mjm = playback_model(robot_xml)
     data, renderer, camera = mujoco.MjData(mjm), offscreen_renderer(mjm, width, height), tracking_camera()
     try:
         for frame in frames:
@@ -314,13 +325,15 @@ if __name__ == "__main__":
     parser.add_argument("--frame", type=int, default=0, help="with --png: the frame to write")
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--robot-xml", help="play on this copy of ASE's amp_humanoid.xml instead of assets/humanoid.xml")
     args = parser.parse_args()
     try:
         motion_clip = load_motion(args.path)
-    except (MotionFileError, OSError) as error:
+        playback_model(args.robot_xml)  # a body file that is not the humanoid's layout fails before any output
+    except (MotionFileError, OSError, ValueError) as error:  # ASEModelError is a ValueError
         raise SystemExit(f"error: {error}")
-    print(describe(motion_clip))
-    size = {"width": args.width, "height": args.height}
+    print(describe(motion_clip) + (f"; body {args.robot_xml}" if args.robot_xml else ""))
+    size = {"width": args.width, "height": args.height, "robot_xml": args.robot_xml}
     if args.video:
         print(f"wrote {write_video(motion_clip, args.video, loops=args.loops, **size)} frames to {args.video}")
     if args.png:

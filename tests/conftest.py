@@ -39,10 +39,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 NUM_TEST_ENVS = 4
 TEST_BACKENDS = ("mjwarp", "mujoco")
+CUDA_MARKER = "cuda: needs a CUDA device (skipped without one); select with -m cuda"
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: needs a CUDA GPU, skipped without one (`pytest -m cuda` runs only these)")
+    """Register the `cuda` marker unless a marker of that name is registered already (an ini file, a plugin)."""
+    registered = {line.split(":")[0].split("(")[0].strip() for line in config.getini("markers")}
+    if "cuda" not in registered:
+        config.addinivalue_line("markers", CUDA_MARKER)
 
 
 def random_actions(env, generator):

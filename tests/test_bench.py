@@ -98,3 +98,49 @@ def test_bench_scaling_prints_one_and_two_processes_with_their_ratio():
     assert one_process[0] == 2 and two_processes[0] == 4  # envs over all processes
     assert one_process[1] > 0 and one_process[2] == 1.0
     assert two_processes[1] > 0 and abs(two_processes[2] - two_processes[1] / one_process[1]) < 0.01 + 0.01 * two_processes[2]
+
+
+def test_bench_memory_prints_one_peak_per_n_and_the_fit():
+    stdout = run_bench("bench_memory.py", "--robots", "ant", "--num-envs", "4", "8", "--num-steps", "4",
+                       "--sim-threads", "1")
+    assert "peak = peak resident set of the process (host memory)" in stdout
+    peaks = [table_row(stdout, [str(n)]) for n in (4, 8)]
+    assert all(peak_mib > 0 and seconds > 0 for peak_mib, seconds in peaks)
+    assert re.search(r"^fit: -?[\d,.]+ MiB per 1,000 worlds \+ -?[\d,.]+ MiB \(N = 4\.\.8", stdout, re.MULTILINE)
+    assert "largest N within 40 GiB:" in stdout
+
+
+def test_bench_memory_fit_arithmetic():
+    sys.path.insert(0, REPO_DIR)
+    from bench.bench_memory import fit_line, largest_fitting
+
+    slope, intercept = fit_line([100, 200, 400], [150 + 0.5 * 100, 150 + 0.5 * 200, 150 + 0.5 * 400])
+    assert slope == pytest.approx(0.5) and intercept == pytest.approx(150)
+    assert largest_fitting(slope, intercept, 40 * 1024) == 81620  # (40960 - 150) / 0.5
+    # least squares through (0, 0), (1, 1), (2, 3): slope sum((x - 1)(y - 4/3)) / sum((x - 1)^2) = 3 / 2, intercept 4/3 - 3/2
+    slope, intercept = fit_line([0, 1, 2], [0, 1, 3])
+    assert slope == pytest.approx(1.5) and intercept == pytest.approx(-1 / 6)
+    assert largest_fitting(2.0, 100.0, 105.0) == 2 and largest_fitting(2.0, 200.0, 100.0) == 0
+    assert largest_fitting(0.0, 100.0, 1000.0) is None
+    with pytest.raises(ValueError, match="two or more different N"):
+        fit_line([64, 64], [1.0, 2.0])
+
+
+def test_gpu_check_dry_run_lists_its_steps_without_running_them(tmp_path):
+    out_dir = tmp_path / "gpu_check_out"
+    result = subprocess.run(["bash", os.path.join(REPO_DIR, "bench", "gpu_check.sh"), "--dry-run", str(out_dir)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    steps = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
+    assert list(steps) == ["hardware", "warmup", "tests", "bench_hrl_humanoid", "bench_memory", "bench_hrl_ant", "bench_sim"]
+    assert "-m pytest tests -m cuda -q -ra" in steps["tests"]
+    for name in ("bench_hrl_humanoid", "bench_hrl_ant", "bench_memory", "bench_sim"):
+        assert "--num-envs 1024 4096 16384" in steps[name] and re.search(r"timeout +\d+ s", steps[name])
+    assert not out_dir.exists()  # nothing ran
+
+
+def test_gpu_wheels_refuses_a_package_requirements_txt_does_not_name(tmp_path):
+    result = subprocess.run(["bash", os.path.join(REPO_DIR, "bench", "gpu_wheels.sh"), str(tmp_path), "3.11", "nosuch"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "nosuch is not a package of" in result.stderr and "mujoco-warp" in result.stderr
+    assert not list(tmp_path.glob("*.whl"))

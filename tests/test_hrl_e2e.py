@@ -3,6 +3,7 @@ tiny budget, and the Isaac Gym path through the fake modules in tests/fake_isaac
 import glob
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -100,6 +101,8 @@ def test_eval_checkpoint_prints_a_return(trained_run):
     (run_dir,) = run_dirs(cwd)
     result = run(["--eval-checkpoint", os.path.join(run_dir, "checkpoint.pt"), "--eval-episodes", "2"], cwd)
     assert "mean return" in result.stdout and "over 2 episodes" in result.stdout
+    speed = float(re.search(r"mean root speed (\S+) m/s \(planar path / time\)", result.stdout).group(1))
+    assert 0.0 <= speed < 20.0
     assert run_dirs(cwd) == [run_dir]  # evaluation writes no run
 
 
@@ -197,11 +200,12 @@ def test_isaacgym_env_factory_and_sigterm_writes_a_checkpoint(tmp_path):
 def test_humanoid_with_an_ase_llc_logs_the_style_reward(tmp_path):
     """An ASE-layout LLC with a discriminator (synthetic, small; AMP input 1250) on the MuJoCo humanoid:
     the style reward is on by default (weight 0.1) and TensorBoard gets charts/style_reward."""
-    from test_llc import ase_llc_checkpoint
+    from test_llc import ase_llc_checkpoint, set_local_root_obs_stats
 
     llc_path = str(tmp_path / "ase_humanoid_llc.pth")
-    torch.save(ase_llc_checkpoint(obs_dim=223, latent_dim=8, action_dim=28, amp_obs_dim=1250, units=(32, 32, 16),
-                                  style_units=(16, 8), style_dim=6, disc_units=(24, 12)), llc_path)
+    checkpoint = ase_llc_checkpoint(obs_dim=223, latent_dim=8, action_dim=28, amp_obs_dim=1250, units=(32, 32, 16),
+                                    style_units=(16, 8), style_dim=6, disc_units=(24, 12))
+    torch.save(set_local_root_obs_stats(checkpoint, True), llc_path)  # as ASE's LLCs: localRootObs true
     result = run([*TINY, "--robot", "humanoid", "--task", "heading", "--env-backend", "mujoco",
                   "--llc-checkpoint", llc_path, "--local-root-obs", "--total-timesteps", "80"], tmp_path)
     assert "style weight 0.1," in result.stdout

@@ -325,6 +325,18 @@ def test_isaacgym_adapter_maps_reset_buf_and_time_outs_onto_the_contract():
 
 
 # ------------------------------------------------------------------ flags and checkpoints
+def test_heading_speed_range_reaches_the_task_and_the_default_is_the_robots():
+    args = hrl.parse_args(["--no-cuda", "--env-backend", "mujoco", "--llc-checkpoint", "none",
+                           "--heading-speed-range", "2", "3"])
+    env = hrl.make_env(args, hrl.derive(args), num_envs=2, seed=0)
+    assert env.task_params["speed_range"] == (2.0, 3.0)
+    env.reset()
+    target_speed = env.task_state["target_speed"]  # m/s, drawn at the reset
+    assert bool(((target_speed >= 2.0) & (target_speed < 3.0)).all())
+    args = hrl.parse_args(["--no-cuda", "--env-backend", "mujoco", "--llc-checkpoint", "none"])
+    assert hrl.make_env(args, hrl.derive(args), num_envs=1, seed=0).task_params["speed_range"] == (0.4, 0.8)  # tasks/ant.py
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--gamma", "1.5"], "--gamma 1.5: expected a number in \\[0, 1\\]"),
     (["--gae-lambda", "2"], "--gae-lambda 2.0: expected a number in \\[0, 1\\]"),
@@ -338,6 +350,9 @@ def test_isaacgym_adapter_maps_reset_buf_and_time_outs_onto_the_contract():
     (["--init-log-std", "nan"], "--init-log-std nan: expected a finite number"),
     (["--target-kl", "0"], "--target-kl 0.0: expected a finite number > 0"),
     (["--torch-threads", "-2"], "--torch-threads -2: expected an integer >= 0"),
+    (["--heading-speed-range", "1", "0.5"], r"--heading-speed-range 1.0 0.5: expected 0 <= LO <= HI \(m/s\)"),
+    (["--heading-speed-range", "0", "inf"], r"--heading-speed-range 0.0 inf: expected 0 <= LO <= HI"),
+    (["--task", "location", "--heading-speed-range", "1", "2"], "--heading-speed-range is for --task heading"),
 ])
 def test_out_of_range_flags_name_the_value_and_what_is_allowed(argv, message):
     with pytest.raises(SystemExit, match=message):

@@ -1014,3 +1014,13 @@ def test_normalizer_leaves_out_non_finite_samples():
     nothing = RunningMeanStd(())
     nothing.update(torch.tensor([float("nan")]))  # an all-bad batch changes nothing
     assert float(nothing.count) == 1.0 and float(nothing.running_mean) == 0.0 and float(nothing.running_var) == 1.0
+
+
+def set_local_root_obs_stats(checkpoint, local_root_obs, policy_index=44, amp_frame_size=125):
+    """Make a synthetic ASE humanoid checkpoint's normaliser statistics say localRootObs as ASE's would: the
+    root x axis' y component varies in the policy obs and is constant in the AMP frames (True), or the other way
+    round (False). The variances are those a real humanoid run gives (tests/test_local_root_obs.py measures them)."""
+    varies, constant = 0.36, 1e-14
+    obs_stats(checkpoint)["running_var"][policy_index] = varies if local_root_obs else constant
+    checkpoint["amp_input_mean_std"]["running_var"][2::amp_frame_size] = constant if local_root_obs else varies
+    return checkpoint

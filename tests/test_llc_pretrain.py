@@ -181,7 +181,7 @@ def test_train_then_evaluate_end_to_end(tmp_path):
     assert load_llc(str(continued)).metadata["total_timesteps"] == 64
 
     out = run_script("--evaluate", str(checkpoint), "--eval-num-latents", "4", "--eval-seconds", "0.3", cwd=tmp_path)
-    assert "falls:" in out and "bar (falls < 10%" in out
+    assert "falls:" in out and "bar (falls < 10%, >= 1.5 m in every bin): " in out
     table_rows = [line for line in out.splitlines() if line.strip().startswith("[") and "|" in line]
     assert len(table_rows) == 8
     assert "10 control steps" in out
@@ -280,3 +280,87 @@ def test_resume_refuses_what_is_not_a_training_state(tmp_path):
         command = [sys.executable, os.path.join(ROOT, "llc_pretrain.py"), "--resume", str(path)]
         result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("latent_dim, seed", [(4, 0), (16, 1), (16, 2), (64, 0), (64, 3)])
+def test_zero_command_latent_commands_no_motion(latent_dim, seed):
+    projection = lp.make_skill_projection(latent_dim, seed=seed)
+    z = lp.zero_command_latent(projection)
+    assert z.shape == (latent_dim,)
+    assert float(z.norm()) == pytest.approx(1.0, abs=1e-6)
+    vel_cmd, yaw_rate_cmd = lp.latent_to_command(z[None], projection, max_speed=2.0, max_yaw_rate=1.0)
+    assert float(vel_cmd.norm()) < 1e-5 and abs(float(yaw_rate_cmd)) < 1e-5
+    # a random latent does command motion: the zero is the null space, not the mapping
+    other = lp.sample_latents(1, latent_dim, torch.Generator().manual_seed(seed), "cpu")
+    assert float(lp.latent_to_command(other, projection, 2.0, 1.0)[0].norm()) > 1e-3
+
+
+def test_zero_command_latent_needs_a_null_space():
+    with pytest.raises(ValueError, match="latent_dim=3"):
+        lp.zero_command_latent(lp.make_skill_projection(3, seed=0))
+
+
+def test_top_speed_is_the_fastest_one_second_average():
+    dt = 0.25  # a 1 s window is 4 control steps
+    t = torch.arange(13, dtype=torch.float32) * dt  # 3 s
+    # world 0: 1 m/s along x for 1 s, then 3 m/s along y; world 1: oscillates +-0.5 m along x every step
+    world0 = torch.stack([t.clamp(max=1.0), 3.0 * (t - 1.0).clamp(min=0.0)], -1)
+    world1 = torch.stack([0.5 * (-1.0) ** torch.arange(13), torch.zeros(13)], -1)
+    speed = lp.top_speed(torch.stack([world0, world1], 1), dt, window_s=1.0)
+    # world 0: the last 1 s window moves 3 m; world 1: p(t) - p(t - 1 s) = 0 for an even number of steps
+    torch.testing.assert_close(speed, torch.tensor([3.0, 0.0]))
+
+
+def test_skill_bin_statistics_against_hand_counts():
+    def at(deg, dist):
+        rad = math.radians(deg)
+        return [dist * math.cos(rad), dist * math.sin(rad)]
+
+    # five latents: commanded toward 0, 0, 90, 180, 180 degrees; latent 1 and 4 fell
+    going = torch.tensor([at(0, 1.0), at(10, 2.0), at(90, 1.0), at(180, 3.0), at(175, 1.0)])
+    final = torch.tensor([at(5, 2.5), at(0, 0.4), at(135, 1.2), at(180, 2.0), at(180, 9.0)])
+    fell = torch.tensor([False, True, False, False, True])
+    speed = torch.tensor([0.6, 5.0, 0.3, 0.5, 7.0])
+    stats = lp.skill_bin_statistics(final, fell, speed, going)
+    assert stats["bin_latents"] == [2, 0, 1, 0, 2, 0, 0, 0]
+    assert stats["bin_falls"] == [1, 0, 0, 0, 1, 0, 0, 0]
+    assert stats["bin_fall_rate"] == [0.5, 0.0, 0.0, 0.0, 0.5, 0.0, 0.0, 0.0]
+    # reach and top speed: the standing latents 0, 2, 3 where they went (bins 0, 3, 4); the fallen ones' 9 m
+    # and 7 m/s count nowhere
+    assert stats["bin_standing_latents"] == [1, 0, 0, 1, 1, 0, 0, 0]
+    torch.testing.assert_close(torch.tensor(stats["bin_reach_m"]), torch.tensor([2.5, 0, 0, 1.2, 2.0, 0, 0, 0]))
+    torch.testing.assert_close(torch.tensor(stats["bin_top_speed_mps"]), torch.tensor([0.6, 0, 0, 0.3, 0.5, 0, 0, 0]))
+    assert stats["top_speed_mps"] == pytest.approx(0.6)
+
+
+def test_skill_bar_per_robot():
+    from tasks import ant, humanoid
+
+    good = {"fall_rate": 0.05, "bin_reach_m": [2.1] * 8, "zero_command_fell": False}
+    assert lp.skill_bar(good, humanoid)["passes_bar"] and lp.skill_bar(good, ant)["passes_bar"]
+    # 1.8 m is enough for the ant's 1.5 m, not for the humanoid's 2.0 m
+    short = dict(good, bin_reach_m=[2.1] * 7 + [1.8])
+    assert not lp.skill_bar(short, humanoid)["passes_bar"] and lp.skill_bar(short, ant)["passes_bar"]
+    assert not lp.skill_bar(dict(good, fall_rate=0.10), ant)["passes_bar"]  # under 10%, strictly
+    # the zero command falling fails the humanoid's bar only; not checked counts as not met
+    fell_still = dict(good, zero_command_fell=True)
+    assert not lp.skill_bar(fell_still, humanoid)["passes_bar"] and lp.skill_bar(fell_still, ant)["passes_bar"]
+    unchecked = {k: v for k, v in good.items() if k != "zero_command_fell"}
+    assert not lp.skill_bar(unchecked, humanoid)["passes_bar"]
+    bar = lp.skill_bar(good, humanoid)["bar"]
+    assert lp.bar_description(bar) == "falls < 10%, >= 2.0 m in every bin, zero command stands"
+
+
+def test_evaluate_tiny_humanoid_prints_its_bar(tmp_path):
+    checkpoint = tmp_path / "llc_humanoid.pt"
+    run_script("--robot", "humanoid", "--seed", "3", "--num-envs", "2", "--num-steps", "4", "--total-timesteps", "8",
+               "--num-minibatches", "1", "--update-epochs", "1", "--llc-hidden", "16", "--llc-style-hidden", "8",
+               "--llc-style-dim", "4", "--critic-hidden", "16", "--checkpoint-path", str(checkpoint), cwd=tmp_path)
+    out = run_script("--evaluate", str(checkpoint), "--eval-num-latents", "4", "--eval-seconds", "0.5", cwd=tmp_path)
+    assert "robot humanoid" in out and "15 control steps" in out
+    assert "| falls | fall rate |" in out and "top speed (m/s)" in out and "top speed:" in out
+    table_rows = [line for line in out.splitlines() if line.strip().startswith("[") and "|" in line]
+    assert len(table_rows) == 8
+    assert sum(int(row.split("|")[1]) for row in table_rows) == 4  # every latent in one bin
+    assert "zero command (|v| " in out and "rad/s) held 0.50 s: " in out and "max root drift" in out
+    assert "bar (falls < 10%, >= 2.0 m in every bin, zero command stands): FAIL" in out  # nobody walks 2 m in 0.5 s

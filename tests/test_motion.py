@@ -4,6 +4,9 @@ clips written here in poselib's SkeletonMotion format, ASE's real clips when
 
 import collections
 import os
+import pathlib
+import subprocess
+import sys
 import types
 
 import imageio.v2 as imageio
@@ -18,6 +21,7 @@ import tasks.motion as motion
 from tasks.video import renderer_available
 
 ASE_MOTIONS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "ase-motions")
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 ASE_CLIPS = {"amp_humanoid_walk.npy": 40, "amp_humanoid_run.npy": 25, "amp_humanoid_jog.npy": 26}  # frames
 FPS = 30.0
 NUM_FRAMES = 6
@@ -290,3 +294,34 @@ def test_playback_renders_a_png(synthetic_clip, tmp_path):
     motion.write_png(synthetic_clip[0], path, frame=2, width=64, height=48)
     image = imageio.imread(path)
     assert image.shape == (48, 64, 3) and image.std() > 0
+
+
+def test_playback_on_a_users_body_file(synthetic_clip, tmp_path):
+    """With --robot-xml the clip plays on the user's copy of ASE's body file (converted as the env does):
+    the joint angles are the clip's on that model; a file of another layout is refused naming the joint."""
+    from test_robot_xml import KNEE_RANGE_DEG, RIGHT_KNEE, ase_style_copy
+
+    clip, dof_pos, _, root_translation, _ = synthetic_clip
+    users_mjm = motion.playback_model(ase_style_copy(tmp_path / "amp_humanoid.xml"))
+    np.testing.assert_allclose(np.degrees(users_mjm.jnt_range[1 + RIGHT_KNEE]), KNEE_RANGE_DEG, atol=1e-3)  # the user's body
+    data = mujoco.MjData(users_mjm)
+    motion.set_frame(users_mjm, data, clip, NUM_FRAMES - 1)
+    np.testing.assert_allclose(data.qpos[7:], dof_pos[-1], atol=1e-9)
+    np.testing.assert_allclose(data.xpos[1], root_translation[-1], atol=1e-9)
+
+    renamed = ase_style_copy(tmp_path / "renamed.xml", rename_joint=("left_knee", "knee_l"))
+    command = [sys.executable, "-m", "tasks.motion", str(clip.path), "--png", str(tmp_path / "f.png"), "--robot-xml",
+               str(renamed)]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "renamed.xml" in result.stderr and "knee_l" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "f.png").exists()
+
+    available, reason = renderer_available()
+    if not available:
+        pytest.skip(reason)
+    command[-1] = str(tmp_path / "amp_humanoid.xml")
+    result = subprocess.run([*command, "--width", "64", "--height", "48"], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "body " + str(tmp_path / "amp_humanoid.xml") in result.stdout
+    assert imageio.imread(tmp_path / "f.png").shape == (48, 64, 3)

@@ -173,6 +173,13 @@ def test_llc_pretrain_trains_on_the_users_file(users_file, tmp_path):
     metadata = torch.load(checkpoint, weights_only=True)["metadata"]
     assert metadata["robot_xml"] == repo_relative(str(users_file))
     assert metadata["pd_kp"] == OURS.actuator_gainprm[:, 0].tolist()  # from the file's joint stiffness
+    assert metadata["local_root_obs"] is False  # the humanoid's default, checked by the trainer:
+    trainer = [sys.executable, os.path.join(ROOT, "hrl_ppo_continuous.py"), "--no-cuda", "--robot", "humanoid",
+               "--robot-xml", str(users_file), "--env-backend", "mujoco", "--llc-checkpoint", str(checkpoint),
+               "--local-root-obs", "--num-envs", "2", "--num-steps", "4", "--num-minibatches", "2", "--total-timesteps", "8"]
+    result = subprocess.run(trainer, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert f"localRootObs False, from {checkpoint} (its metadata); the env uses True" in result.stderr
 
     command[command.index("humanoid")] = "ant"
     (tmp_path / "ant").mkdir()
