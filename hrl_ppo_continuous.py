@@ -558,7 +558,7 @@ class CapturedHierarchicalStep:
         torch.cuda.current_stream(self.env.device).wait_stream(side_stream)
         self.env.load_state_dict(saved_state)
         self.graph.register_generator_state(self.env.generator)
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, capture_error_mode="global"):  # the mode physics_mjwarp tells Warp
             result = self._eager()
         return result
 

@@ -103,8 +103,8 @@ class MjwarpPhysics:
             if self.device.type == "cuda":
                 stream = wp.stream_from_torch(torch.cuda.current_stream(self.device))
                 with wp.ScopedStream(stream):
-                    if torch.cuda.is_current_stream_capturing():
-                        with wp.ScopedCapture(stream=stream, external=True):
+                    if torch.cuda.is_current_stream_capturing():  # torch's capture mode: "global", its default
+                        with wp.ScopedCapture(stream=stream, external=True, capture_mode=wp.CaptureMode.GLOBAL):
                             eager_fn()
                     else:
                         wp.capture_launch(graph, stream=stream) if graph is not None else eager_fn()
