@@ -49,6 +49,7 @@ if __name__ == "__main__" and requested_backend(sys.argv[1:]) == "isaacgym":
     except ImportError as err:
         sys.exit(f"error: {ISAACGYM_MISSING} ({err})")
 
+import functools
 import math
 import random
 import time
@@ -186,6 +187,18 @@ class Args:
     max_nonfinite_updates: int = 10
     """stop after this many optimiser steps in a row with a non-finite loss or gradient (each one is skipped)"""
 
+    # Speed (README "Trainer speed": figures behind each default)
+    compile: Annotated[Literal["none", "llc", "step", "update", "all"], tyro.conf.arg(help=(
+        "torch.compile: `llc` the frozen LLC's forward (every inner step), `step` the env's tensor ops after the "
+        "physics (tasks/ backends), `update` the PPO minibatch loss (forward + loss; backward through the compiled "
+        "graph), `all` the three, `none` eager; compiling costs 10-60 s at start-up on a small CPU"))] = "none"
+    fused_adam: Literal["auto", "on", "off"] = "auto"
+    """Adam's fused kernel (one kernel for all parameters; `auto`: on with CUDA, off on the CPU, where it measured
+    slower); the same update as torch's default kernel up to float rounding"""
+    cuda_graph: bool = False
+    """capture one high-level step (k x (LLC + env.step) + the reward aggregation) as one CUDA graph and replay it;
+    mjwarp backend on CUDA only"""
+
     # Checkpoints and evaluation
     checkpoint_interval: int = 50
     """write runs/{run_name}/checkpoint.pt every this many iterations (and at the end)"""
@@ -212,6 +225,7 @@ class Derived(NamedTuple):
     minibatch_size: int
     sim_steps_per_iteration: int
     num_iterations: int
+    cuda_graph: bool = False  # --cuda-graph: each high-level step replays one captured CUDA graph
 
 
 def flush_denormals_on_cpu(device: torch.device) -> bool:
@@ -341,8 +355,10 @@ def derive(args: Args) -> Derived:
              "use fewer minibatches or more envs or steps")
     sim_steps_per_iteration = batch_size * llc_steps * distributed.world_size()  # all ranks: num_envs is per rank
     num_iterations = max(1, total_timesteps // sim_steps_per_iteration)
+    if args.cuda_graph and (not use_cuda or args.env_backend not in ("auto", "mjwarp")):
+        fail(f"--cuda-graph needs CUDA and the mjwarp backend (got device {device}, --env-backend {args.env_backend})")
     return Derived(device, flat, llc_path, llc_steps, num_envs, total_timesteps, batch_size,
-                   batch_size // args.num_minibatches, sim_steps_per_iteration, num_iterations)
+                   batch_size // args.num_minibatches, sim_steps_per_iteration, num_iterations, args.cuda_graph)
 
 
 def resolved_flags(args: Args, derived: Derived, style_weight: float) -> Args:
@@ -498,6 +514,82 @@ def hierarchical_step(env, llc, high_action, obs, llc_steps: int, task_obs_size:
     return HighLevelStep(obs, bootstrap_obs, reward, task_reward_sum, control_steps, done, terminate, style_reward)
 
 
+def cuda_graph_unsupported(env, device: torch.device) -> Optional[str]:
+    """None when one high-level step can be captured as a CUDA graph here, else why not."""
+    if device.type != "cuda":
+        return f"the trainer runs on {device}, not CUDA"
+    backend = getattr(env, "backend", type(env).__name__)
+    if backend != "mjwarp":
+        return f"the simulator is {backend!r}; only MuJoCo Warp (mjwarp) runs inside a CUDA graph"
+    if not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
+        return f"torch {torch.__version__} cannot replay the env's own random generator in a CUDA graph (needs torch >= 2.5)"
+    return None
+
+
+class CapturedHierarchicalStep:
+    """hierarchical_step captured once as one torch.cuda.CUDAGraph and replayed: k x (LLC forward + env.step,
+    MuJoCo Warp's kernels included) + the masked reward aggregation, one launch per high-level step.
+
+    The graph reads the high-level action and observation from static buffers (copied in on each call) and
+    writes a HighLevelStep of static tensors: they are overwritten by the next call, so read or copy them
+    before it (rollout() does). reset_done() stays outside the graph, between calls, as in the eager loop.
+    The env's random generator (task targets resampled inside env.step) is registered with the graph, so
+    each replay draws fresh numbers, the same ones the eager step would draw."""
+
+    WARMUP_CALLS = 2  # eager calls on a side stream before capture (lazy caches, cuBLAS workspaces)
+
+    def __init__(self, env, llc, llc_steps: int, task_obs_size: int, style_weight: float, action_size: int):
+        reason = cuda_graph_unsupported(env, env.device)
+        if reason is not None:
+            raise ValueError(f"--cuda-graph: {reason}")
+        self.env = env
+        self.step_args = (llc_steps, task_obs_size, style_weight)
+        self.llc = llc
+        self.action = torch.zeros(env.num_envs, action_size, device=env.device)
+        self.obs = torch.zeros(env.num_envs, env.num_obs, device=env.device)
+        self.graph = torch.cuda.CUDAGraph()
+        self.result = self._capture()
+
+    def _eager(self) -> HighLevelStep:
+        return hierarchical_step(self.env, self.llc, self.action, self.obs, *self.step_args)
+
+    def _capture(self) -> HighLevelStep:
+        """Warm up, put the env back where it was (warm-up steps are not part of any episode), capture."""
+        saved_state = self.env.state_dict()
+        side_stream = torch.cuda.Stream(self.env.device)
+        side_stream.wait_stream(torch.cuda.current_stream(self.env.device))
+        with torch.cuda.stream(side_stream):
+            for _ in range(self.WARMUP_CALLS):
+                self._eager()
+        torch.cuda.current_stream(self.env.device).wait_stream(side_stream)
+        self.env.load_state_dict(saved_state)
+        self.graph.register_generator_state(self.env.generator)
+        with torch.cuda.graph(self.graph, capture_error_mode="global"):  # the mode physics_mjwarp tells Warp
+            result = self._eager()
+        return result
+
+    def __call__(self, high_action, obs) -> HighLevelStep:
+        self.action.copy_(high_action)
+        self.obs.copy_(obs)
+        self.graph.replay()
+        return self.result
+
+
+def make_high_level_step(env, llc, llc_steps: int, task_obs_size: int, style_weight: float, action_size: int,
+                         cuda_graph: bool):
+    """The trainer's high-level step, (high_action, obs) -> HighLevelStep: a captured CUDA graph or eager."""
+    if cuda_graph:
+        return CapturedHierarchicalStep(env, llc, llc_steps, task_obs_size, style_weight, action_size)
+    return lambda high_action, obs: hierarchical_step(env, llc, high_action, obs, llc_steps, task_obs_size, style_weight)
+
+
+def compile_llc(llc):
+    """torch.compile the frozen LLC's action (its forward pass at every inner step); static shapes: one
+    compilation for the run's number of envs."""
+    llc.act = torch.compile(llc.act, dynamic=False)
+    return llc
+
+
 # ---------------------------------------------------------------------------------------------
 # Networks: ASE's high-level actor-critic
 # ---------------------------------------------------------------------------------------------
@@ -540,9 +632,23 @@ class Agent(nn.Module):
         return action, probs.log_prob(action).sum(1), probs.entropy().sum(1), self.get_normalized_value(obs), mean
 
 
+def use_fused_adam(args: Args, device: torch.device) -> bool:
+    """--fused-adam: `auto` is on with CUDA and off on the CPU (README "Trainer speed")."""
+    return device.type == "cuda" if args.fused_adam == "auto" else args.fused_adam == "on"
+
+
+def set_adam_kernel(optimizer: torch.optim.Optimizer, fused: bool):
+    """Fused or torch's default (foreach) Adam; also after optimizer.load_state_dict, which restores the
+    kernel a checkpoint was written with."""
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = (True, False) if fused else (None, None)
+
+
 def make_optimizer(agent: Agent, args: Args) -> torch.optim.Optimizer:
     """Adam over the policy's trainable parameters only: the LLC is not part of `agent`."""
-    return torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate, eps=1e-8)
+    params = [p for p in agent.parameters() if p.requires_grad]
+    fused = use_fused_adam(args, params[0].device)
+    return torch.optim.Adam(params, lr=args.learning_rate, eps=1e-8, fused=True if fused else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -606,9 +712,12 @@ def bootstrap_value(agent, step: HighLevelStep) -> torch.Tensor:
 
 
 def rollout(env, llc, agent: Agent, next_obs, storage: RolloutStorage, llc_steps: int, task_obs_size: int,
-            style_weight: float, episode_stats: EpisodeStats):
+            style_weight: float, episode_stats: EpisodeStats, high_level_step=None):
     """Fill `storage` with one high-level step per row, starting from next_obs; returns the
-    observation to continue from. Everything stays on the device."""
+    observation to continue from. Everything stays on the device. high_level_step: (action, obs) ->
+    HighLevelStep (make_high_level_step: e.g. a captured CUDA graph); None: hierarchical_step, eager."""
+    if high_level_step is None:
+        high_level_step = make_high_level_step(env, llc, llc_steps, task_obs_size, style_weight, 0, cuda_graph=False)
     for step in range(storage.obs.shape[0]):
         storage.obs[step] = next_obs
         with torch.no_grad():
@@ -616,7 +725,7 @@ def rollout(env, llc, agent: Agent, next_obs, storage: RolloutStorage, llc_steps
             storage.values[step] = agent.denormalize_value(normalized_value)
         storage.actions[step], storage.logprobs[step] = action, logprob
 
-        result = hierarchical_step(env, llc, action, next_obs, llc_steps, task_obs_size, style_weight)
+        result = high_level_step(action, next_obs)
         storage.rewards[step] = result.reward
         if result.style_reward is not None:
             storage.style_rewards[step] = result.style_reward
@@ -704,15 +813,35 @@ class NonfiniteGuard:
         return finite
 
 
-def ppo_update(evaluate, batch: dict, optimizer, grad_groups, args, minibatch_size: int, guard=None) -> dict:
+def minibatch_loss(evaluate, mb: dict, args):
+    """The policy on one minibatch, the PPO loss and the extra losses: (loss, logged terms)."""
+    newlogprob, entropy, newvalue, extra_losses = evaluate(mb)
+    loss, terms = ppo_loss(newlogprob, entropy, newvalue, mb, args)
+    for name, (coef, extra_loss) in extra_losses.items():
+        loss = loss + coef * extra_loss
+        terms[f"losses/{name}"] = extra_loss
+    return loss, terms
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(fn):
+    """torch.compile(fn) with static shapes, made once per function (compiles at its first call)."""
+    return torch.compile(fn, dynamic=False)
+
+
+def ppo_update(evaluate, batch: dict, optimizer, grad_groups, args, minibatch_size: int, guard=None,
+               compile_loss: bool = False) -> dict:
     """PPO epochs over one rollout batch (dict of flattened [B, ...] tensors: the inputs `evaluate`
     needs plus logprobs, advantages, returns, values).
 
     evaluate(mb) -> (newlogprob, entropy, newvalue, extra_losses): the policy on a minibatch, with
     extra_losses {name: (coefficient, loss)} added to the PPO loss. Gradients are clipped to
     args.max_grad_norm per parameter group of grad_groups (None: no clipping); a NonfiniteGuard skips
-    non-finite steps. Returns on-device scalars for logging: the last minibatch's terms, the clip
-    fraction over all minibatches and the number of skipped steps."""
+    non-finite steps. compile_loss: minibatch_loss through torch.compile (the backward pass then runs
+    the compiled graph's backward too); every minibatch has the same size, so it compiles once.
+    Returns on-device scalars for logging: the last minibatch's terms, the clip fraction over all
+    minibatches and the number of skipped steps."""
+    loss_fn = compiled(minibatch_loss) if compile_loss else minibatch_loss
     batch_size = batch["logprobs"].shape[0]
     clipfracs, skipped_before = [], guard.skipped if guard else 0
     for epoch in range(args.update_epochs):
@@ -720,11 +849,7 @@ def ppo_update(evaluate, batch: dict, optimizer, grad_groups, args, minibatch_si
         for start in range(0, batch_size, minibatch_size):
             mb_inds = b_inds[start : start + minibatch_size]
             mb = {key: value[mb_inds] for key, value in batch.items()}
-            newlogprob, entropy, newvalue, extra_losses = evaluate(mb)
-            loss, terms = ppo_loss(newlogprob, entropy, newvalue, mb, args)
-            for name, (coef, extra_loss) in extra_losses.items():
-                loss = loss + coef * extra_loss
-                terms[f"losses/{name}"] = extra_loss
+            loss, terms = loss_fn(evaluate, mb, args)
             clipfracs.append(terms["losses/clipfrac"])
 
             optimizer.zero_grad()
@@ -770,7 +895,8 @@ def update_policy(agent: Agent, optimizer, storage: RolloutStorage, advantages, 
         _, newlogprob, entropy, newvalue, mean = agent.get_action_and_value(mb["obs"], mb["actions"])
         return newlogprob, entropy, newvalue, {"bounds_loss": (args.bounds_loss_coef, bounds_loss(mean))}
 
-    metrics = ppo_update(evaluate, batch, optimizer, [list(agent.parameters())], args, minibatch_size, guard)
+    metrics = ppo_update(evaluate, batch, optimizer, [list(agent.parameters())], args, minibatch_size, guard,
+                         compile_loss=args.compile in ("update", "all"))
     metrics["losses/explained_variance"] = explained_variance(b_values, b_returns)
     if agent.normalize_obs:  # after the update, so the stored log-probs matched the normalisation in use
         distributed.update_normalizer(agent.obs_normalizer, b_obs)
@@ -1082,6 +1208,7 @@ if __name__ == "__main__":
     global_step, start_iteration, wandb_run_id = 0, 1, None
     if resume_checkpoint is not None:
         restore_training_state(resume_checkpoint, args.resume, agent, optimizer)
+        set_adam_kernel(optimizer, use_fused_adam(args, device))  # this run's --fused-adam, not the checkpoint's
         global_step, start_iteration = resume_checkpoint["global_step"], resume_checkpoint["iteration"] + 1
         wandb_run_id = resume_checkpoint.get("wandb_run_id")
         distributed.reseed_other_ranks(args.seed, start_iteration)  # the saved streams are rank 0's
@@ -1118,7 +1245,9 @@ if __name__ == "__main__":
     print(f"{run_name}: {env.num_envs} envs on {device}, simulator {env.describe_backend()}, k = {derived.llc_steps}, "
           f"{'flat PPO' if derived.flat else f'LLC {derived.llc_path}'}, style weight {style_weight}, "
           f"{derived.num_iterations} iterations x {derived.sim_steps_per_iteration} simulator steps"
-          + (f", task {args.task} {env.task_params}" if getattr(env, "task_params", None) else ""))
+          + (f", task {args.task} {env.task_params}" if getattr(env, "task_params", None) else "")
+          + f"; compile {args.compile}, {'fused' if use_fused_adam(args, device) else 'default'} Adam"
+          + (", CUDA graph per high-level step" if derived.cuda_graph else ""))
     planned_steps = derived.num_iterations * derived.sim_steps_per_iteration
     if args.total_timesteps is not None and planned_steps != derived.total_timesteps:  # the default budget needs no note
         print(f"note: --total-timesteps {derived.total_timesteps} is not a whole number of iterations of "
@@ -1126,6 +1255,12 @@ if __name__ == "__main__":
               f"running {planned_steps} simulator steps")
 
     storage = RolloutStorage.allocate(args.num_steps, env.num_envs, env.num_obs, action_size, device)
+    if llc is not None and args.compile in ("llc", "all"):
+        compile_llc(llc)
+    if hasattr(env, "compile_step") and args.compile in ("step", "all"):
+        env.compile_step()
+    high_level_step = make_high_level_step(env, llc, derived.llc_steps, task_obs_size, style_weight, action_size,
+                                           derived.cuda_graph)
     episode_stats = EpisodeStats(env.num_envs, device)
     guard = NonfiniteGuard(args.max_nonfinite_updates)
     stop = StopRequest(checkpoint_path)
@@ -1145,7 +1280,7 @@ if __name__ == "__main__":
             optimizer.param_groups[0]["lr"] = frac * args.learning_rate
         iteration_start = time.time()
         next_obs = rollout(env, llc, agent, next_obs, storage, derived.llc_steps, task_obs_size, style_weight,
-                           episode_stats)
+                           episode_stats, high_level_step)
         global_step += derived.sim_steps_per_iteration
         rollout_time = time.time() - iteration_start
 

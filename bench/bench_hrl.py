@@ -20,10 +20,14 @@ control steps x worlds, per second):
 is untrained (random weights), which costs the same as a trained one. `physics_step` is the
 backend's env.physics_step (for `mujoco` with its numpy glue and body sensors), for reference.
 --repeat R keeps the best of R timings of each (a busy machine). With --profile, where (b) and (c)
-spend their time (exclusive wall time per part).
+spend their time (exclusive wall time per part). --compile, --fused-adam and --cuda-graph set the trainer's
+flags of the same names (README "Trainer speed"): an A/B of them is two runs, e.g. --compile none and
+--compile update.
 
     python bench/bench_hrl.py --robot ant --backend mujoco --num-envs 16 64 256
     python bench/bench_hrl.py --robot humanoid --llc-checkpoint random --num-envs 64 256 --profile
+    python bench/bench_hrl.py --robot ant --num-envs 256 --compile update
+    python bench/bench_hrl.py --device cuda:0 --robot humanoid --llc-checkpoint random --num-envs 4096 --cuda-graph
 """
 
 import argparse
@@ -40,8 +44,8 @@ REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_DIR)
 from bench.bench_rollout import fixed_actions, time_steps  # noqa: E402
 from bench.bench_sim import cpu_model_name, sync, time_c_mujoco  # noqa: E402
-from hrl_ppo_continuous import (Agent, Args, EpisodeStats, RolloutStorage, compute_gae, flush_denormals_on_cpu,  # noqa: E402
-                                hierarchical_step, make_optimizer, rollout, update_policy)
+from hrl_ppo_continuous import (Agent, Args, EpisodeStats, RolloutStorage, compile_llc, compute_gae,  # noqa: E402
+                                flush_denormals_on_cpu, make_high_level_step, make_optimizer, rollout, update_policy)
 from llc import build_llc, load_llc  # noqa: E402
 from tasks import ROBOTS, TASKS, load_robot, make_env  # noqa: E402
 
@@ -62,12 +66,6 @@ def random_llc(robot, env, device):
                     arch=defaults.llc_arch, hidden=defaults.llc_hidden, activation=defaults.llc_activation,
                     style_hidden=defaults.llc_style_hidden, style_dim=defaults.llc_style_dim)
     return llc.to(device).freeze()
-
-
-def compile_llc(llc):
-    """torch.compile the LLC's action (the bench only; the trainer calls it eagerly)."""
-    llc.act = torch.compile(llc.act, dynamic=False)
-    return llc
 
 
 def fixed_latents(env, llc):
@@ -102,13 +100,13 @@ def time_physics_step(env, control_steps):
 # ---------------------------------------------------------------------------------------------
 # (b) the hierarchical rollout with fixed latents
 # ---------------------------------------------------------------------------------------------
-def time_hierarchical(env, llc, high_level_steps):
+def time_hierarchical(env, llc, high_level_steps, cuda_graph=False):
     z = fixed_latents(env, llc)
-    task_obs_size = env.get_task_obs_size()
+    step = make_high_level_step(env, llc, LLC_STEPS, env.get_task_obs_size(), 0.0, llc.latent_dim, cuda_graph)
     state = {"obs": env.reset()["obs"]}
 
     def high_level_step():
-        hierarchical_step(env, llc, z, state["obs"], LLC_STEPS, task_obs_size)
+        step(z, state["obs"])
         state["obs"] = env.reset_done()["obs"]
 
     high_level_step()  # warm-up
@@ -118,8 +116,9 @@ def time_hierarchical(env, llc, high_level_steps):
 # ---------------------------------------------------------------------------------------------
 # (c) the trainer's iteration
 # ---------------------------------------------------------------------------------------------
-def trainer_args(high_level_steps, num_envs):
-    args = replace(Args(), num_steps=high_level_steps)
+def trainer_args(high_level_steps, num_envs, speed_flags=None):
+    """The trainer's default Args with --num-steps and the speed flags (compile, fused_adam, cuda_graph) given."""
+    args = replace(Args(), num_steps=high_level_steps, **(speed_flags or {}))
     batch = num_envs * high_level_steps
     if batch % args.num_minibatches or batch < 2 * args.num_minibatches:
         raise SystemExit(f"--num-envs {num_envs} x --num-steps {high_level_steps} must be a multiple of the trainer's "
@@ -137,10 +136,12 @@ def make_trainer_parts(env, llc, args):
     stats = EpisodeStats(env.num_envs, env.device)
     task_obs_size = env.get_task_obs_size()
     minibatch_size = env.num_envs * args.num_steps // args.num_minibatches
+    high_level_step = make_high_level_step(env, llc, llc_steps, task_obs_size, 0.0, action_size, args.cuda_graph)
     state = {"obs": env.reset()["obs"]}
 
     def rollout_part():
-        state["obs"] = rollout(env, llc, agent, state["obs"], storage, llc_steps, task_obs_size, 0.0, stats)
+        state["obs"] = rollout(env, llc, agent, state["obs"], storage, llc_steps, task_obs_size, 0.0, stats,
+                               high_level_step)
 
     def update_part():
         advantages, returns = compute_gae(storage.rewards, storage.values, storage.next_values, storage.dones,
@@ -338,7 +339,14 @@ def main():
                         help="torch threads (0: torch's default); on a small CPU more threads contend with the simulator's")
     parser.add_argument("--repeat", type=int, default=1,
                         help="time each measurement this many times and keep the best (on a busy machine)")
-    parser.add_argument("--compile-llc", action="store_true", help="torch.compile the LLC's forward pass")
+    parser.add_argument("--compile", default="none", choices=["none", "llc", "step", "update", "all"],
+                        help="the trainer's --compile: torch.compile the LLC's forward (b, c, d), the env's tensor ops "
+                             "after the physics (b, c, d), the PPO minibatch loss (c)")
+    parser.add_argument("--compile-llc", action="store_true", help="the same as --compile llc")
+    parser.add_argument("--fused-adam", default="auto", choices=["auto", "on", "off"],
+                        help="the trainer's --fused-adam in (c) (auto: on with CUDA, off on the CPU)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="the trainer's --cuda-graph in (b) and (c): one CUDA graph per high-level step (mjwarp on CUDA)")
     parser.add_argument("--no-torchrl", action="store_true", help="skip (d)")
     parser.add_argument("--profile", action="store_true", help="also print where (b) and (c) spend their time")
     args = parser.parse_args()
@@ -362,7 +370,10 @@ def main():
     llc_name = args.llc_checkpoint or os.path.relpath(os.path.join(REPO_DIR, "checkpoints", f"llc_{args.robot}.pt"), REPO_DIR)
     print(f"hardware: {device} ({device_name}), CPU {cpu_model_name()} with {os.cpu_count()} cores, torch {torch.__version__} "
           f"with {torch.get_num_threads()} threads, MuJoCo {mujoco.__version__}, {torchrl_line}")
-    compiled = " (compiled)" if args.compile_llc else ""
+    if args.compile_llc:
+        args.compile = "all" if args.compile in ("update", "all") else "llc"
+    speed_flags = {"compile": args.compile, "fused_adam": args.fused_adam, "cuda_graph": args.cuda_graph}
+    compiled = f", --compile {args.compile} --fused-adam {args.fused_adam}{' --cuda-graph' if args.cuda_graph else ''}"
     print(f"robot {args.robot}, task {args.task}, backend {backend}, LLC {llc_name}{compiled}, k = {LLC_STEPS}, "
           f"{args.num_steps} high-level steps per world in (b), (c), (d)")
     print(f"{'N':>6} {'(a) physics':>12} {'physics_step':>12} {'(b) hier.':>10} {'(c) trainer':>11} {'(d) torchrl':>11} "
@@ -376,13 +387,15 @@ def main():
         else:
             llc = load_llc(os.path.join(REPO_DIR, llc_name), device=str(device))
             llc.check_env(env.num_obs, env.get_task_obs_size())
-        if args.compile_llc:
+        if args.compile in ("llc", "all"):
             compile_llc(llc)
+        if args.compile in ("step", "all"):
+            env.compile_step()
         control_steps = args.num_steps * LLC_STEPS
         physics = best_of(args.repeat, time_raw_physics, env, backend, control_steps, args.threads)
         physics_step = physics if backend == "mjwarp" else best_of(args.repeat, time_physics_step, env, control_steps)
-        hier = best_of(args.repeat, time_hierarchical, env, llc, args.num_steps)
-        trainer = time_trainer(env, llc, trainer_args(args.num_steps, n), args.repeat)
+        hier = best_of(args.repeat, time_hierarchical, env, llc, args.num_steps, args.cuda_graph)
+        trainer = time_trainer(env, llc, trainer_args(args.num_steps, n, speed_flags), args.repeat)
         if torchrl_missing is None:
             reference = best_of(args.repeat, time_torchrl, env, llc, args.num_steps)
             reference_cell, ratio_cell = f"{reference:>11,.0f}", f"{hier / reference:>12.2f}"
@@ -391,7 +404,9 @@ def main():
         print(f"{n:>6} {physics:>12,.0f} {physics_step:>12,.0f} {hier:>10,.0f} {trainer:>11,.0f} {reference_cell} "
               f"{hier / physics:>8.2f} {trainer / physics:>8.2f} {trainer / hier:>8.2f} {ratio_cell}", flush=True)
         if args.profile:
-            profiles.append((n, profile_parts(env, llc, trainer_args(args.num_steps, n), bench_module)))
+            # eager high-level steps: the part timers synchronise, which a CUDA graph capture does not allow
+            profile_flags = {**speed_flags, "cuda_graph": False}
+            profiles.append((n, profile_parts(env, llc, trainer_args(args.num_steps, n, profile_flags), bench_module)))
         del env
     if torchrl_missing is not None:
         print(f"(d) torchrl: {torchrl_missing}")

@@ -74,6 +74,8 @@ STEPS=(
     "bench_hrl_ant|90|$PYTHON bench/bench_hrl.py --robot ant --num-envs 1024 4096 16384"
     "bench_sim|60|$PYTHON bench/bench_sim.py --robots ant humanoid --num-envs 1024 4096 16384 --backends mjwarp \
 --no-reference --steps 100"
+    "bench_hrl_graph|90|$PYTHON bench/bench_hrl.py --robot humanoid --llc-checkpoint random --num-envs 4096 --no-torchrl \
+--cuda-graph"
 )
 
 run_step() {

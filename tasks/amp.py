@@ -86,12 +86,21 @@ def _joint_exp_map_columns():
 
 
 _JOINT_EXP_MAP_COLUMNS = _joint_exp_map_columns()
+_KEY_BODY_COLUMNS = torch.tensor(KEY_BODY_IDS)
+_INDEX_ON_DEVICE = {}  # (name, device) -> index tensor: no host-to-device copy per step (and none in a CUDA graph)
+
+
+def _index_on(device, name):
+    key = (name, str(device))
+    if key not in _INDEX_ON_DEVICE:
+        _INDEX_ON_DEVICE[key] = globals()[name].to(device)
+    return _INDEX_ON_DEVICE[key]
 
 
 def dof_to_obs(dof_pos):
     """ASE's DoF observation: hinge angles [N, 28] (rad) -> per joint tan-norm [N, 72]."""
     padded = torch.cat([dof_pos, torch.zeros_like(dof_pos[:, :1])], dim=-1)
-    exp_maps = padded[:, _JOINT_EXP_MAP_COLUMNS.to(dof_pos.device)]  # [N, 12, 3]
+    exp_maps = padded[:, _index_on(dof_pos.device, "_JOINT_EXP_MAP_COLUMNS")]  # [N, 12, 3]
     return quat_to_tan_norm(exp_map_to_quat(exp_maps)).reshape(dof_pos.shape[0], -1)
 
 
@@ -126,7 +135,7 @@ def amp_observation(sim, local_root_obs):
     root and key-body poses from xpos / xquat, root velocities from `body_com_velocities`, DoF angles
     and velocities from qpos / qvel."""
     lin_vel, ang_vel = body_com_velocities(sim)
-    key_body_pos = sim.xpos[:, 1:][:, list(KEY_BODY_IDS)]
+    key_body_pos = sim.xpos[:, 1:][:, _index_on(sim.xpos.device, "_KEY_BODY_COLUMNS")]
     return amp_frame(sim.xpos[:, 1], sim.xquat[:, 1], lin_vel[:, 0], ang_vel[:, 0],
                      sim.qpos[:, 7:], sim.qvel[:, 6:], key_body_pos, local_root_obs)
 

@@ -197,7 +197,7 @@ class BatchedEnv:
         self.initial_qpos.copy_(torch.where(mask, self.sim.qpos, self.initial_qpos))
         self.initial_qvel.copy_(torch.where(mask, self.sim.qvel, self.initial_qvel))
         self._clear_dynamics(reset_mask)
-        self.sim.time.copy_(torch.where(reset_mask, torch.zeros_like(self.sim.time), self.sim.time))
+        self.sim.time.masked_fill_(reset_mask, 0.0)
         self.sim.ctrl.copy_(torch.where(mask, self.pd_offset.expand_as(self.sim.ctrl), self.sim.ctrl))
         self.progress.masked_fill_(reset_mask, 0)
         for buf in (self.done_buf, self.terminate_buf, self.time_outs_buf):
@@ -243,13 +243,23 @@ class BatchedEnv:
 
         reward = self.task.reward(self.task_state, self._task_root())
         nonfinite = self._restart_nonfinite_worlds()
+        return self._finish_step(reward, nonfinite)
+
+    def compile_step(self):
+        """torch.compile the tensor ops that follow the physics in step() (observations, checks, done flags, AMP
+        history), with static shapes: one compilation. The physics, the restarts and the task's random draws
+        stay eager. Same results as eager up to float rounding."""
+        self._finish_step = torch.compile(self._finish_step, dynamic=False)
+
+    def _finish_step(self, reward, nonfinite):
+        """step() after the physics and the restarts of non-finite worlds; tensor ops only."""
         obs = self.compute_obs()["obs"]
         # a finite state with a non-finite reward or observation (the task's or the robot's maths): the
         # world ends as a failure and is reset by reset_done(); counted with the restarts
         bad_output = ~(torch.isfinite(reward) & torch.isfinite(obs).all(-1)) & ~nonfinite
         self.nonfinite_resets += bad_output.sum()
         nonfinite = nonfinite | bad_output
-        reward = torch.where(nonfinite, torch.zeros_like(reward), reward)
+        reward = torch.where(nonfinite, 0.0, reward)
         self._update_done_flags(fell=self.robot.fallen(self.sim), nonfinite=nonfinite)
         obs = torch.where(nonfinite[:, None], torch.nan_to_num(obs, 0.0, 0.0, 0.0), obs)
         extras = {"terminate": self.terminate_buf.clone(), "time_outs": self.time_outs_buf.clone(),

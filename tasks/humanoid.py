@@ -143,8 +143,13 @@ def model_constants(mjm):
 
 
 def _constants(sim):
-    """The ModelConstants of the model the worlds in `sim` simulate."""
-    return model_constants(sim.mjm)
+    """The ModelConstants of the model the worlds in `sim` simulate, kept on `sim` after the first call: a plain
+    attribute read that torch.compile (the env's compile_step) traces and guards without the weak dictionary,
+    whose entries come and go with the models."""
+    constants = getattr(sim, "humanoid_constants", None)
+    if constants is None:
+        constants = sim.humanoid_constants = model_constants(sim.mjm)
+    return constants
 
 
 # ---------------------------------------------------------------- PD control

@@ -94,12 +94,20 @@ class MjwarpPhysics:
 
     def _launch(self, graph, eager_fn):
         """Replay `graph` (or call `eager_fn` when not captured). On CUDA both run on torch's current
-        stream, so they are ordered with the torch ops that read and write the same memory."""
+        stream, so they are ordered with the torch ops that read and write the same memory.
+
+        While torch captures that stream into a CUDA graph of its own (the trainer's --cuda-graph), a
+        Warp graph cannot be launched into it: the kernels are launched one by one instead, inside a
+        Warp capture marked external, and become part of torch's graph."""
         with wp.ScopedDevice(self.wp_device):
             if self.device.type == "cuda":
                 stream = wp.stream_from_torch(torch.cuda.current_stream(self.device))
                 with wp.ScopedStream(stream):
-                    wp.capture_launch(graph, stream=stream) if graph is not None else eager_fn()
+                    if torch.cuda.is_current_stream_capturing():  # torch's capture mode: "global", its default
+                        with wp.ScopedCapture(stream=stream, external=True, capture_mode=wp.CaptureMode.GLOBAL):
+                            eager_fn()
+                    else:
+                        wp.capture_launch(graph, stream=stream) if graph is not None else eager_fn()
             elif graph is not None:
                 wp.capture_launch(graph)
             else:

@@ -132,10 +132,12 @@ def test_gpu_check_dry_run_lists_its_steps_without_running_them(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     steps = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
-    assert list(steps) == ["hardware", "warmup", "tests", "bench_hrl_humanoid", "bench_memory", "bench_hrl_ant", "bench_sim"]
+    assert list(steps) == ["hardware", "warmup", "tests", "bench_hrl_humanoid", "bench_memory", "bench_hrl_ant", "bench_sim",
+                           "bench_hrl_graph"]
     assert "-m pytest tests -m cuda -q -ra" in steps["tests"]
     for name in ("bench_hrl_humanoid", "bench_hrl_ant", "bench_memory", "bench_sim"):
         assert "--num-envs 1024 4096 16384" in steps[name] and re.search(r"timeout +\d+ s", steps[name])
+    assert "--cuda-graph" in steps["bench_hrl_graph"]
     assert not out_dir.exists()  # nothing ran
 
 
